@@ -1,0 +1,321 @@
+"""Typed configuration: one frozen dataclass per ``params.yaml`` section.
+
+Stages load only the sections they use (``load_section``); ``load_params`` loads and
+validates every section (used by tests to prove ``configs/paper.yaml`` is valid).
+Unknown keys, wrong types, out-of-range values and empty sections raise a
+:class:`~regionroute.errors.ConfigError` whose one-line message names the file and key
+(the style of peft's ``__post_init__`` validation). No env vars, no Hydra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+from regionroute.errors import ConfigError
+
+__all__ = [
+    "KNOWN_STYLES",
+    "PAPER_STYLES",
+    "CompositeConfig",
+    "DataConfig",
+    "ModelsConfig",
+    "Params",
+    "SampleConfig",
+    "SplitConfig",
+    "StylizeConfig",
+    "load_params",
+    "load_section",
+    "read_params_file",
+]
+
+#: The paper's four styles, spelled as the public code spells them.
+PAPER_STYLES: tuple[str, ...] = ("pixel-art", "cyberpunk", "expressionism", "line-art")
+#: Styles accepted without declaring them in ``data.extra_styles`` (catches typos).
+KNOWN_STYLES: tuple[str, ...] = (
+    *PAPER_STYLES,
+    "watercolor",
+    "oil-painting",
+    "ukiyo-e",
+    "anime",
+    "pencil-sketch",
+    "mosaic",
+    "pop-art",
+    "impressionism",
+)
+
+
+class _Section:
+    """Mixin: range checks live in ``_validate``; ``_fail`` names the key."""
+
+    _section: typing.ClassVar[str] = ""
+
+    def _fail(self, key: str, msg: str) -> typing.NoReturn:
+        raise ConfigError(f"{self._section}.{key}: {msg}")
+
+    def _validate(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+
+@dataclass(frozen=True)
+class ModelsConfig(_Section):
+    """Model references: ``"tiny"`` (built in code), a hub id, or a local directory."""
+
+    _section: typing.ClassVar[str] = "models"
+    kontext: str = "black-forest-labs/FLUX.1-Kontext-dev"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def _validate(self) -> None:
+        if not self.kontext.strip():
+            self._fail("kontext", "must be 'tiny', a hub id or a local directory, got ''")
+
+
+@dataclass(frozen=True)
+class SplitConfig(_Section):
+    """One split of the COCO-format dataset under ``data.root``."""
+
+    _section: typing.ClassVar[str] = "data.splits.<split>"
+    coco: str = "train2017"
+    num: int = 150
+
+    def _validate(self) -> None:
+        if self.num < 1:
+            self._fail("num", f"must be >= 1, got {self.num}")
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    """Dataset root (COCO layout), styles, and the train / eval splits."""
+
+    _section: typing.ClassVar[str] = "data"
+    root: str = "data/coco"
+    styles: tuple[str, ...] = PAPER_STYLES
+    extra_styles: tuple[str, ...] = ()
+    splits: dict[str, SplitConfig] = field(default_factory=dict)
+
+    def _validate(self) -> None:
+        if not self.styles:
+            self._fail("styles", "needs at least one style")
+        known = set(KNOWN_STYLES) | set(self.extra_styles)
+        for s in self.styles:
+            if s not in known:
+                self._fail(
+                    "styles",
+                    f"unknown style {s!r} (known: {', '.join(KNOWN_STYLES)}; declare new ones in data.extra_styles)",
+                )
+        if len(set(self.styles)) != len(self.styles):
+            self._fail("styles", f"duplicate style in {list(self.styles)}")
+        if set(self.splits) != {"train", "eval"}:
+            self._fail("splits", f"must define exactly 'train' and 'eval', got {sorted(self.splits)}")
+        if self.splits["train"].coco == self.splits["eval"].coco:
+            self._fail("splits", "train and eval must be disjoint COCO splits")
+
+
+@dataclass(frozen=True)
+class SampleConfig(_Section):
+    """Stage ``sample`` (METHOD.md §1.1-1.2)."""
+
+    _section: typing.ClassVar[str] = "sample"
+    seed: int = 0
+    resolution: int = 1024
+    min_area_frac: float = 0.0
+    categories: tuple[str, ...] = ()
+    exclude_categories: tuple[str, ...] = ()
+    max_mask_loss: float = 0.5
+
+    def _validate(self) -> None:
+        if self.resolution < 16 or self.resolution % 16:
+            self._fail("resolution", f"must be a positive multiple of 16, got {self.resolution}")
+        if not 0.0 <= self.min_area_frac < 1.0:
+            self._fail("min_area_frac", f"must be in [0, 1), got {self.min_area_frac}")
+        if not 0.0 <= self.max_mask_loss < 1.0:
+            self._fail("max_mask_loss", f"must be in [0, 1), got {self.max_mask_loss}")
+        if set(self.categories) & set(self.exclude_categories):
+            self._fail("exclude_categories", "overlaps sample.categories")
+
+
+@dataclass(frozen=True)
+class StylizeConfig(_Section):
+    """Stage ``stylize`` (METHOD.md §1.3): global stylization with FLUX.1-Kontext."""
+
+    _section: typing.ClassVar[str] = "stylize"
+    instruction: str = "make the image into {style} style"
+    steps: int = 28
+    guidance: float = 2.5
+    max_sequence_length: int = 512
+    batch_size: int = 1
+    seed: int = 0
+
+    def _validate(self) -> None:
+        if "{style}" not in self.instruction:
+            self._fail("instruction", f"must contain '{{style}}', got {self.instruction!r}")
+        if self.steps < 1:
+            self._fail("steps", f"must be >= 1, got {self.steps}")
+        if self.guidance < 0:
+            self._fail("guidance", f"must be >= 0, got {self.guidance}")
+        if not 1 <= self.max_sequence_length <= 512:
+            self._fail("max_sequence_length", f"must be in [1, 512], got {self.max_sequence_length}")
+        if self.batch_size < 1:
+            self._fail("batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class CompositeConfig(_Section):
+    """Stage ``composite`` (METHOD.md §1.4-1.5): pseudo-GT by seamless clone or alpha."""
+
+    _section: typing.ClassVar[str] = "composite"
+    method: Literal["seamless", "alpha"] = "seamless"
+    pad: int = 16
+    feather: float = 2.0
+    instruction: str = "make the {object} into {style} style"
+
+    def _validate(self) -> None:
+        if self.pad < 1:
+            self._fail("pad", f"must be >= 1 (seamlessClone needs room at the border), got {self.pad}")
+        if self.feather < 0:
+            self._fail("feather", f"must be >= 0, got {self.feather}")
+        for key in ("{object}", "{style}"):
+            if key not in self.instruction:
+                self._fail("instruction", f"must contain '{key}', got {self.instruction!r}")
+
+
+#: Section name -> dataclass. Later stages register theirs here.
+SECTIONS: dict[str, type] = {
+    "models": ModelsConfig,
+    "data": DataConfig,
+    "sample": SampleConfig,
+    "stylize": StylizeConfig,
+    "composite": CompositeConfig,
+}
+
+
+@dataclass(frozen=True)
+class Params:
+    """Every section of a params file, validated."""
+
+    models: ModelsConfig
+    data: DataConfig
+    sample: SampleConfig
+    stylize: StylizeConfig
+    composite: CompositeConfig
+
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in canonical form."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(key, value, tp)
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug, not user error
+
+
+def _build(key: str, raw: Any, cls: type[T]) -> T:
+    if raw is None or (isinstance(raw, dict) and not raw):
+        raise ConfigError(f"{key}: section is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {raw!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}: unknown key (expected one of: {', '.join(fields)})")
+    kwargs = {name: _coerce(f"{key}.{name}", raw[name], hints[name]) for name in fields if name in raw}
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        # Re-prefix nested sections (e.g. data.splits.<split>) with the real key.
+        msg = str(exc)
+        section = getattr(cls, "_section", "")
+        if section and msg.startswith(section + ".") and section != key:
+            msg = key + msg[len(section) :]
+        raise ConfigError(msg) from None
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    """Read a params YAML file; a missing or malformed file is a :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: malformed YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at top level")
+    return raw
+
+
+def load_section(path: str | Path, name: str, cls: type[T] | None = None) -> T:
+    """Load and validate one section of a params file into its dataclass."""
+    cls = cls or SECTIONS[name]  # type: ignore[assignment]
+    raw = read_params_file(path)
+    if name not in raw:
+        raise ConfigError(f"{path}: section '{name}' is missing")
+    try:
+        return _build(name, raw[name], cls)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def load_params(path: str | Path) -> Params:
+    """Load and validate every section; unknown top-level sections are errors."""
+    raw = read_params_file(path)
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: {unknown[0]}: unknown section (expected: {', '.join(SECTIONS)})")
+    return Params(**{name: load_section(path, name) for name in SECTIONS})  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""Data: COCO sampling (stage ``sample``), the embedded demo set, training datasets."""

@@ -1,0 +1,145 @@
+"""Atomic writes and validated reads of images, masks and JSON/JSONL manifests.
+
+Every stage writes through these helpers so that an interrupted or failed stage
+never leaves a file that looks complete: data goes to a temporary file in the
+same directory, then ``os.replace`` renames it into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from regionroute.errors import DataError
+
+__all__ = [
+    "atomic_dir",
+    "atomic_path",
+    "read_image",
+    "read_json",
+    "read_jsonl",
+    "read_mask",
+    "write_image",
+    "write_json",
+    "write_jsonl",
+    "write_mask",
+]
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary directory; it replaces ``path`` (whole) on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented, key-sorted JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> None:
+    """Write one JSON object per line, atomically."""
+    with atomic_path(path) as tmp, tmp.open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file; a missing or malformed file is a :class:`DataError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: malformed JSON ({exc})") from None
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read a JSONL manifest; reports the first bad line by number."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (did the stage that writes it finish?)")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{n}: malformed JSON line ({exc})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image as ``uint8`` RGB ``(H, W, 3)``; missing/corrupt files are a DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc})") from None
+
+
+def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a binary mask PNG as ``bool (H, W)`` (nonzero = inside)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: mask file not found")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L")) > 127
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read mask ({exc})") from None
+
+
+def write_image(path: str | os.PathLike[str], image: np.ndarray | Image.Image) -> None:
+    """Write an RGB image atomically; the format follows the suffix (PNG recommended)."""
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    with atomic_path(path) as tmp:
+        pil.save(tmp, format=Image.registered_extensions()[Path(path).suffix.lower()])
+
+
+def write_mask(path: str | os.PathLike[str], mask: np.ndarray) -> None:
+    """Write a boolean mask as an 8-bit PNG (0 / 255), atomically."""
+    write_image(path, Image.fromarray(np.where(np.asarray(mask, dtype=bool), 255, 0).astype(np.uint8), mode="L"))

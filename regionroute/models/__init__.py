@@ -1,0 +1,74 @@
+"""Model loading, in one place: every model reference is resolved here.
+
+A reference is ``"tiny"`` (a toy model built in code, saved once to the cache and
+loaded back through ``from_pretrained``), a local directory, or a hub id (which needs
+the weights in the local Hugging Face cache, or network access). Later stages add
+CLIP, LPIPS and the VLM judge with the same resolution rules.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from regionroute.errors import UserError
+
+__all__ = ["cache_dir", "resolve_device", "resolve_dtype", "resolve_reference"]
+
+TINY = "tiny"
+
+
+def cache_dir() -> Path:
+    """Where tiny models are built: ``$XDG_CACHE_HOME/regionroute`` or ``~/.cache/regionroute``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "regionroute"
+
+
+def resolve_reference(ref: str, name: str, build: Callable[[Path], object], version: str) -> str:
+    """Turn a model reference into something ``from_pretrained`` accepts.
+
+    ``"tiny"`` builds the toy model into the cache once (atomically: built in a
+    temporary directory, then renamed) and returns that directory; a local directory
+    is returned as is; anything else is taken as a hub id.
+    """
+    if ref == TINY:
+        target = cache_dir() / f"tiny-{name}-v{version}"
+        if not (target / ".complete").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            try:
+                build(tmp)
+                (tmp / ".complete").write_text("ok\n")
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return str(target)
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"model reference {ref!r}: is a file, expected a model directory")
+        return str(path)
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        raise UserError(f"model reference {ref!r}: no such directory, and not a hub id of the form 'org/name'")
+    return ref
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; asking for CUDA without one is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("models.device: 'cuda' requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Map the params string to a torch dtype (half precision on CPU is allowed but slow)."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]

@@ -1,0 +1,32 @@
+"""Loading the FLUX.1-Kontext pipeline from a hub id, a local directory or ``"tiny"``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from regionroute.errors import UserError
+from regionroute.models import resolve_device, resolve_dtype, resolve_reference
+
+if TYPE_CHECKING:
+    from diffusers import FluxKontextPipeline
+
+    from regionroute.config import ModelsConfig
+
+__all__ = ["load_kontext"]
+
+
+def load_kontext(cfg: ModelsConfig) -> FluxKontextPipeline:
+    """Load the Kontext pipeline described by ``models`` params, on its device and dtype."""
+    from diffusers import FluxKontextPipeline
+
+    from regionroute.tiny.kontext import TINY_KONTEXT_VERSION, save_tiny_kontext
+
+    source = resolve_reference(cfg.kontext, "kontext", save_tiny_kontext, TINY_KONTEXT_VERSION)
+    device = resolve_device(cfg.device)
+    try:
+        pipe = FluxKontextPipeline.from_pretrained(source, dtype=resolve_dtype(cfg.dtype, device))
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"models.kontext: cannot load {cfg.kontext!r} ({first})") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
