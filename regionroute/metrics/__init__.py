@@ -1,0 +1,1 @@
+"""Metrics: RSES (region style match, background identity), VLM judge, attention localization."""
