@@ -58,12 +58,38 @@ def _ellipse(cx: float, cy: float, rx: float, ry: float, n: int = 20) -> list[fl
 def _shape(name: str, cx: float, cy: float, s: float) -> list[list[float]]:
     """Polygons (COCO ``segmentation`` lists) of a category at centre ``(cx, cy)``, size ``s``."""
     if name == "car":
-        return [[cx - s, cy - 0.3 * s, cx - 0.5 * s, cy - 0.7 * s, cx + 0.5 * s, cy - 0.7 * s,
-                 cx + s, cy - 0.3 * s, cx + s, cy + 0.4 * s, cx - s, cy + 0.4 * s]]
+        return [
+            [
+                cx - s,
+                cy - 0.3 * s,
+                cx - 0.5 * s,
+                cy - 0.7 * s,
+                cx + 0.5 * s,
+                cy - 0.7 * s,
+                cx + s,
+                cy - 0.3 * s,
+                cx + s,
+                cy + 0.4 * s,
+                cx - s,
+                cy + 0.4 * s,
+            ]
+        ]
     if name == "cat":
         body = _ellipse(cx, cy + 0.2 * s, 0.8 * s, 0.6 * s)
-        ears = [cx - 0.6 * s, cy - 0.2 * s, cx - 0.4 * s, cy - 0.9 * s, cx - 0.1 * s, cy - 0.3 * s,
-                cx + 0.1 * s, cy - 0.3 * s, cx + 0.4 * s, cy - 0.9 * s, cx + 0.6 * s, cy - 0.2 * s]
+        ears = [
+            cx - 0.6 * s,
+            cy - 0.2 * s,
+            cx - 0.4 * s,
+            cy - 0.9 * s,
+            cx - 0.1 * s,
+            cy - 0.3 * s,
+            cx + 0.1 * s,
+            cy - 0.3 * s,
+            cx + 0.4 * s,
+            cy - 0.9 * s,
+            cx + 0.6 * s,
+            cy - 0.2 * s,
+        ]
         return [body, ears]
     if name == "dog":
         return [_ellipse(cx, cy, s, 0.55 * s), _ellipse(cx + 0.9 * s, cy - 0.5 * s, 0.35 * s, 0.3 * s)]
@@ -72,9 +98,26 @@ def _shape(name: str, cx: float, cy: float, s: float) -> list[list[float]]:
     if name == "kite":
         return [[cx, cy - s, cx + 0.6 * s, cy, cx, cy + s, cx - 0.6 * s, cy]]
     if name == "bottle":
-        return [[cx - 0.25 * s, cy - 0.2 * s, cx - 0.1 * s, cy - 0.4 * s, cx - 0.1 * s, cy - s,
-                 cx + 0.1 * s, cy - s, cx + 0.1 * s, cy - 0.4 * s, cx + 0.25 * s, cy - 0.2 * s,
-                 cx + 0.25 * s, cy + s, cx - 0.25 * s, cy + s]]
+        return [
+            [
+                cx - 0.25 * s,
+                cy - 0.2 * s,
+                cx - 0.1 * s,
+                cy - 0.4 * s,
+                cx - 0.1 * s,
+                cy - s,
+                cx + 0.1 * s,
+                cy - s,
+                cx + 0.1 * s,
+                cy - 0.4 * s,
+                cx + 0.25 * s,
+                cy - 0.2 * s,
+                cx + 0.25 * s,
+                cy + s,
+                cx - 0.25 * s,
+                cy + s,
+            ]
+        ]
     raise ValueError(name)
 
 
@@ -104,8 +147,9 @@ def _polygon_area(poly: list[float]) -> float:
     return float(0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
 
 
-def _make_image(rng: np.random.Generator, image_id: int, ann_start: int, w: int, h: int
-                ) -> tuple[Image.Image, list[dict[str, Any]], list[str]]:
+def _make_image(
+    rng: np.random.Generator, image_id: int, ann_start: int, w: int, h: int
+) -> tuple[Image.Image, list[dict[str, Any]], list[str]]:
     img = _background(rng, w, h)
     anns: list[dict[str, Any]] = []
     boxes: list[tuple[float, float, float, float]] = []
@@ -140,15 +184,17 @@ def _make_image(rng: np.random.Generator, image_id: int, ann_start: int, w: int,
         img.paste(tex, (0, 0), sil)
         boxes.append(box)
         names.append(f"{color_name} {name}")
-        anns.append({
-            "id": ann_start + len(anns),
-            "image_id": image_id,
-            "category_id": cat_id,
-            "segmentation": polys,
-            "area": round(sum(_polygon_area(p) for p in polys), 2),
-            "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2), round(box[3] - box[1], 2)],
-            "iscrowd": 0,
-        })
+        anns.append(
+            {
+                "id": ann_start + len(anns),
+                "image_id": image_id,
+                "category_id": cat_id,
+                "segmentation": polys,
+                "area": round(sum(_polygon_area(p) for p in polys), 2),
+                "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2), round(box[3] - box[1], 2)],
+                "iscrowd": 0,
+            }
+        )
     # one image in six gets an extra crowd annotation (never a valid target)
     if image_id % 6 == 0 and anns:
         crowd = dict(anns[0], id=ann_start + len(anns), iscrowd=1)
@@ -179,7 +225,10 @@ def build_demo(root: str | Path, seed: int = 0, n_train: int = 24, n_val: int = 
                 cap_id += 1
             image_id += 1
         info = {"description": "RegionRoute synthetic demo (COCO format)", "version": "1.0"}
-        write_json(root / "annotations" / f"instances_{split}.json",
-                   {"info": info, "images": images, "annotations": anns, "categories": categories})
-        write_json(root / "annotations" / f"captions_{split}.json",
-                   {"info": info, "images": images, "annotations": caps})
+        write_json(
+            root / "annotations" / f"instances_{split}.json",
+            {"info": info, "images": images, "annotations": anns, "categories": categories},
+        )
+        write_json(
+            root / "annotations" / f"captions_{split}.json", {"info": info, "images": images, "annotations": caps}
+        )

@@ -1,0 +1,241 @@
+"""Stage ``sample``: COCO image-caption pairs with one target object mask each.
+
+METHOD.md §1.1-1.2. For every image with at least one *usable* instance (non-crowd,
+allowed category, area >= ``min_area_frac`` of the image) the target is drawn
+uniformly among them with a generator seeded by ``(seed, image_id)``, so an image's
+choice does not depend on which other images were drawn. Images are visited in a
+seeded random order; each is resized (short side = resolution) and square-cropped
+around the mask centroid; a sample whose mask loses more than ``max_mask_loss`` of
+its area in the crop is dropped and counted. The same code reads the real COCO 2017
+``instances_*.json`` / ``captions_*.json``.
+
+Output directory (written atomically as a whole)::
+
+    manifest.jsonl   one record per pair (schema: ``SampleRecord``)
+    stats.json       counts: eligible images, dropped (and why), written, per category
+    images/<id>.png  the cropped original, resolution x resolution
+    masks/<id>.png   its binary target mask (0/255), same size
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from regionroute.config import SampleConfig
+from regionroute.errors import ConfigError, DataError
+from regionroute.io import atomic_dir, read_image, read_json, write_image, write_json, write_jsonl, write_mask
+
+__all__ = ["SampleRecord", "crop_square", "load_coco", "sample_split"]
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """One line of ``manifest.jsonl`` (paths relative to the manifest's directory)."""
+
+    id: str  # zero-padded image id, the sample's key in every later stage
+    image_id: int
+    split: str  # COCO split name, e.g. "train2017"
+    file_name: str  # source image file in the COCO split directory
+    ann_id: int
+    category_id: int
+    object: str  # COCO category name, e.g. "dog", "dining table"
+    caption: str
+    area: float  # COCO annotation area in original-image pixels (size buckets use it)
+    area_frac: float  # mask area / crop area after cropping
+    mask_loss: float  # fraction of the resized mask cut away by the crop
+    crop: tuple[int, int, float]  # (x0, y0, scale) applied to the original image
+    image: str  # "images/<id>.png"
+    mask: str  # "masks/<id>.png"
+    width: int
+    height: int
+
+
+def load_coco(instances: Path, captions: Path | None = None) -> tuple[Any, dict[int, list[str]]]:
+    """Load a COCO instances file (and optional captions) with clear errors for bad files."""
+    from pycocotools.coco import COCO
+
+    data = read_json(instances)
+    if not isinstance(data, dict):
+        raise DataError(f"{instances}: expected a COCO object with 'images', 'annotations', 'categories'")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{instances}: missing or invalid '{key}' list (not a COCO instances file?)")
+    for i, ann in enumerate(data["annotations"]):
+        missing = {"id", "image_id", "category_id", "segmentation"} - set(ann)
+        if missing:
+            raise DataError(f"{instances}: annotation #{i} lacks {', '.join(sorted(missing))}")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    caps: dict[int, list[str]] = {}
+    if captions is not None:
+        cdata = read_json(captions)
+        if not isinstance(cdata, dict) or not isinstance(cdata.get("annotations"), list):
+            raise DataError(f"{captions}: missing or invalid 'annotations' list (not a COCO captions file?)")
+        for ann in sorted(cdata["annotations"], key=lambda a: a.get("id", 0)):
+            if "image_id" not in ann or not isinstance(ann.get("caption"), str):
+                raise DataError(f"{captions}: caption annotation {ann.get('id', '?')} lacks image_id or caption")
+            caps.setdefault(int(ann["image_id"]), []).append(ann["caption"].strip())
+    return coco, caps
+
+
+def _check_polygon(ann: dict[str, Any], img: dict[str, Any], instances: Path) -> None:
+    seg = ann["segmentation"]
+    if not isinstance(seg, list):  # RLE: already rasterised at the image size
+        return
+    w, h = img["width"], img["height"]
+    for poly in seg:
+        xs, ys = np.asarray(poly[0::2], dtype=float), np.asarray(poly[1::2], dtype=float)
+        if len(xs) < 3 or xs.min() < -1 or ys.min() < -1 or xs.max() > w + 1 or ys.max() > h + 1:
+            raise DataError(
+                f"{instances}: annotation {ann['id']} (image {img['file_name']}): polygon lies outside "
+                f"the {w}x{h} image or has fewer than 3 points"
+            )
+
+
+def crop_square(image: np.ndarray, mask: np.ndarray, resolution: int) -> tuple[np.ndarray, np.ndarray, tuple, float]:
+    """Resize the short side to ``resolution`` and crop a square keeping the mask centroid inside.
+
+    Returns ``(image (R,R,3) uint8, mask (R,R) bool, (x0, y0, scale), mask_loss)`` where
+    ``mask_loss`` is the fraction of the resized mask's area that the crop cuts away.
+    """
+    h, w = mask.shape
+    scale = resolution / min(h, w)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    img_r = cv2.resize(image, (nw, nh), interpolation=interp)
+    mask_r = cv2.resize(
+        mask.astype(np.float32), (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    )
+    mask_r = mask_r >= 0.5
+    total = int(mask_r.sum())
+    if total == 0:
+        return img_r[:resolution, :resolution], mask_r[:resolution, :resolution], (0, 0, scale), 1.0
+    ys, xs = np.nonzero(mask_r)
+    cx, cy = xs.mean(), ys.mean()
+    x0 = int(np.clip(round(cx - resolution / 2), 0, nw - resolution))
+    y0 = int(np.clip(round(cy - resolution / 2), 0, nh - resolution))
+    img_c = img_r[y0 : y0 + resolution, x0 : x0 + resolution]
+    mask_c = mask_r[y0 : y0 + resolution, x0 : x0 + resolution]
+    return np.ascontiguousarray(img_c), mask_c, (x0, y0, round(scale, 6)), 1.0 - float(mask_c.sum()) / total
+
+
+def _usable(coco: Any, img_id: int, cfg: SampleConfig, allowed: set[int]) -> list[dict[str, Any]]:
+    img = coco.imgs[img_id]
+    min_area = cfg.min_area_frac * img["width"] * img["height"]
+    anns = coco.imgToAnns.get(img_id, [])
+    return [
+        a
+        for a in sorted(anns, key=lambda a: a["id"])
+        if not a.get("iscrowd", 0) and a["category_id"] in allowed and a.get("area", 0) >= min_area
+    ]
+
+
+def _allowed_categories(coco: Any, cfg: SampleConfig) -> set[int]:
+    by_name = {c["name"]: c["id"] for c in coco.dataset["categories"]}
+    for key, names in (("categories", cfg.categories), ("exclude_categories", cfg.exclude_categories)):
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise ConfigError(f"sample.{key}: unknown category {unknown[0]!r} (not in the annotation file)")
+    allowed = {by_name[n] for n in cfg.categories} if cfg.categories else set(by_name.values())
+    return allowed - {by_name[n] for n in cfg.exclude_categories}
+
+
+def sample_split(
+    instances: Path,
+    captions: Path,
+    images_dir: Path,
+    out_dir: Path,
+    cfg: SampleConfig,
+    num: int,
+    split: str,
+    num_key: str = "num",
+) -> dict[str, Any]:
+    """Sample ``num`` pairs from one COCO split into ``out_dir``; returns the stats written."""
+    instances, captions, images_dir, out_dir = map(Path, (instances, captions, images_dir, out_dir))
+    coco, caps = load_coco(instances, captions)
+    allowed = _allowed_categories(coco, cfg)
+    names = {c["id"]: c["name"] for c in coco.dataset["categories"]}
+    eligible = [i for i in sorted(coco.imgs) if _usable(coco, i, cfg, allowed)]
+    if not eligible:
+        raise DataError(
+            f"{instances}: no image has a usable instance (non-crowd, allowed category, "
+            f"area >= sample.min_area_frac of the image)"
+        )
+    order = np.random.default_rng(cfg.seed).permutation(len(eligible))
+    records: list[SampleRecord] = []
+    dropped: Counter[str] = Counter()
+    with atomic_dir(out_dir) as tmp, tqdm(total=num, desc=f"sample {split}", unit="img") as bar:
+        for idx in order:
+            if len(records) == num:
+                break
+            img_id = eligible[idx]
+            img = coco.imgs[img_id]
+            usable = _usable(coco, img_id, cfg, allowed)
+            rng = np.random.default_rng([cfg.seed, img_id])
+            ann = usable[int(rng.integers(len(usable)))]
+            _check_polygon(ann, img, instances)
+            pixels = read_image(images_dir / img["file_name"])
+            if pixels.shape[:2] != (img["height"], img["width"]):
+                raise DataError(
+                    f"{images_dir / img['file_name']}: size {pixels.shape[1]}x{pixels.shape[0]} "
+                    f"differs from {img['width']}x{img['height']} in {instances}"
+                )
+            mask = coco.annToMask(ann).astype(bool)
+            if not mask.any():
+                dropped["empty_mask"] += 1
+                continue
+            crop_img, crop_mask, crop, loss = crop_square(pixels, mask, cfg.resolution)
+            if loss > cfg.max_mask_loss:
+                dropped["crop_mask_loss"] += 1
+                continue
+            sid = f"{img_id:012d}"
+            write_image(tmp / "images" / f"{sid}.png", crop_img)
+            write_mask(tmp / "masks" / f"{sid}.png", crop_mask)
+            image_caps = caps.get(img_id, [])
+            records.append(
+                SampleRecord(
+                    id=sid,
+                    image_id=img_id,
+                    split=split,
+                    file_name=img["file_name"],
+                    ann_id=int(ann["id"]),
+                    category_id=int(ann["category_id"]),
+                    object=names[ann["category_id"]],
+                    caption=image_caps[int(rng.integers(len(image_caps)))] if image_caps else "",
+                    area=float(ann.get("area", mask.sum())),
+                    area_frac=round(float(crop_mask.mean()), 6),
+                    mask_loss=round(loss, 6),
+                    crop=crop,
+                    image=f"images/{sid}.png",
+                    mask=f"masks/{sid}.png",
+                    width=cfg.resolution,
+                    height=cfg.resolution,
+                )
+            )
+            bar.update(1)
+        if len(records) < num:
+            raise ConfigError(
+                f"{num_key}: asked for {num} pairs but {instances} yields only {len(records)} "
+                f"({len(eligible)} eligible images, {sum(dropped.values())} dropped)"
+            )
+        stats = {
+            "split": split,
+            "eligible_images": len(eligible),
+            "written": len(records),
+            "dropped": dict(sorted(dropped.items())),
+            "per_category": dict(sorted(Counter(r.object for r in records).items())),
+        }
+        write_jsonl(tmp / "manifest.jsonl", (asdict(r) for r in records))
+        write_json(tmp / "stats.json", stats)
+    return stats

@@ -1,0 +1,131 @@
+"""Stage ``stylize``: global stylization of each sampled image with FLUX.1-Kontext.
+
+METHOD.md §1.3. Each cropped original is edited with the instruction
+``stylize.instruction`` (paper: ``"make the image into {style} style"``), one style per
+call, in batches, with a generator seeded per image (``seed + image_id``) so results do
+not depend on batch composition. Output per split::
+
+    <out>/<split>/images/<id>.png   the stylized image, same size as the input crop
+    <out>/<split>/manifest.jsonl     {"id", "style", "stylized", "seed"} per image (written last)
+    <out>/fingerprint.json           what produced the images (params, model, input manifests)
+
+Resumable: images are written atomically one by one; a re-run with the same
+fingerprint skips those already present (the DVC output is ``persist: true``); a
+different fingerprint (params, model or inputs changed) starts from scratch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from regionroute.config import ModelsConfig, StylizeConfig
+from regionroute.errors import DataError
+from regionroute.io import read_image, read_json, read_jsonl, write_image, write_json, write_jsonl
+
+if TYPE_CHECKING:
+    from diffusers import FluxKontextPipeline
+
+__all__ = ["fingerprint", "stylize_batch", "stylize_splits"]
+
+
+def fingerprint(cfg: StylizeConfig, models: ModelsConfig, style: str, manifests: list[Path]) -> dict[str, Any]:
+    """Everything that determines the stylized pixels (used to decide whether to resume)."""
+    digest = hashlib.sha256()
+    for m in manifests:
+        digest.update(m.read_bytes())
+    return {
+        "style": style,
+        "stylize": {k: getattr(cfg, k) for k in ("instruction", "steps", "guidance", "max_sequence_length", "seed")},
+        "models": {"kontext": models.kontext, "dtype": models.dtype},
+        "inputs_sha256": digest.hexdigest(),
+    }
+
+
+def stylize_batch(
+    pipe: FluxKontextPipeline, images: list[np.ndarray], prompts: list[str], seeds: list[int], cfg: StylizeConfig
+) -> list[np.ndarray]:
+    """Edit a batch of same-sized images; returns uint8 RGB arrays of the input size.
+
+    ``max_area`` is the input's own area and ``_auto_resize`` is off, so the pipeline
+    neither rescales to 1024^2 nor snaps to Kontext's preferred resolutions.
+    """
+    import torch
+
+    h, w = images[0].shape[:2]
+    if any(im.shape[:2] != (h, w) for im in images):
+        raise ValueError("stylize_batch needs images of one size")
+    device = pipe._execution_device
+    gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    out = pipe(
+        image=[Image.fromarray(im) for im in images],
+        prompt=prompts,
+        height=h,
+        width=w,
+        max_area=h * w,
+        _auto_resize=False,
+        num_inference_steps=cfg.steps,
+        guidance_scale=cfg.guidance,
+        max_sequence_length=cfg.max_sequence_length,
+        generator=gens if device.type == "cpu" else [torch.Generator(device).manual_seed(s) for s in seeds],
+    ).images
+    return [np.asarray(o.convert("RGB").resize((w, h)), dtype=np.uint8) for o in out]
+
+
+def stylize_splits(
+    pipe: FluxKontextPipeline,
+    samples: dict[str, Path],
+    out_dir: Path,
+    style: str,
+    cfg: StylizeConfig,
+    models: ModelsConfig,
+) -> dict[str, int]:
+    """Stylize every sample of every split in ``samples`` (name -> sample dir) into ``out_dir``."""
+    manifests = [samples[s] / "manifest.jsonl" for s in sorted(samples)]
+    for m in manifests:
+        if not m.is_file():
+            raise DataError(f"{m}: file not found (run the sample stage first)")
+    fp = fingerprint(cfg, models, style, manifests)
+    fp_path = out_dir / "fingerprint.json"
+    if out_dir.exists() and (not fp_path.is_file() or read_json(fp_path) != fp):
+        shutil.rmtree(out_dir)  # stale or foreign content: never mix results of two configurations
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(fp_path, fp)
+    prompt = cfg.instruction.format(style=style)
+    counts = {}
+    for split in sorted(samples):
+        records = read_jsonl(samples[split] / "manifest.jsonl")
+        split_dir = out_dir / split
+        (split_dir / "manifest.jsonl").unlink(missing_ok=True)
+        todo = [r for r in records if not (split_dir / "images" / f"{r['id']}.png").is_file()]
+        with tqdm(
+            total=len(records), initial=len(records) - len(todo), desc=f"stylize {style} {split}", unit="img"
+        ) as bar:
+            for start in range(0, len(todo), cfg.batch_size):
+                batch = todo[start : start + cfg.batch_size]
+                images = [read_image(samples[split] / r["image"]) for r in batch]
+                seeds = [cfg.seed + int(r["image_id"]) for r in batch]
+                for r, out in zip(batch, stylize_batch(pipe, images, [prompt] * len(batch), seeds, cfg), strict=True):
+                    write_image(split_dir / "images" / f"{r['id']}.png", out)
+                bar.update(len(batch))
+        write_jsonl(
+            split_dir / "manifest.jsonl",
+            (
+                {
+                    "id": r["id"],
+                    "style": style,
+                    "stylized": f"images/{r['id']}.png",
+                    "seed": cfg.seed + int(r["image_id"]),
+                    "instruction": prompt,
+                }
+                for r in records
+            ),
+        )
+        counts[split] = len(todo)
+    return counts

@@ -1,0 +1,40 @@
+"""DVC stage ``stylize``: global Kontext stylization, one style per run (regionroute.stylize)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from regionroute.config import DataConfig, ModelsConfig, StylizeConfig, load_section
+from regionroute.errors import ConfigError, exit_on_user_error
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument("--style", required=True, help="one of data.styles")
+    p.add_argument("--samples", type=Path, required=True, help="sample stage output root (has train/, eval/)")
+    p.add_argument("--out", type=Path, required=True, help="output directory for this style")
+    return p
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    data = load_section(args.params, "data", DataConfig)
+    models = load_section(args.params, "models", ModelsConfig)
+    cfg = load_section(args.params, "stylize", StylizeConfig)
+    if args.style not in data.styles:
+        raise ConfigError(f"--style: unknown style {args.style!r} (data.styles: {', '.join(data.styles)})")
+    from regionroute.models.kontext import load_kontext
+    from regionroute.stylize import stylize_splits
+
+    samples = {split: args.samples / split for split in data.splits}
+    pipe = load_kontext(models)
+    done = stylize_splits(pipe, samples, args.out, args.style, cfg, models)
+    print(f"stylize {args.style}: generated {sum(done.values())} images in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
