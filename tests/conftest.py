@@ -1,0 +1,57 @@
+"""Shared fixtures: the committed demo dataset, a params file in a temp dir, helpers."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "demo"
+
+
+@pytest.fixture
+def params_file(tmp_path: Path):
+    """Return ``make(**overrides)`` writing params.yaml (demo config) with section overrides."""
+
+    def make(**sections: dict) -> Path:
+        raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+        raw["data"]["root"] = str(DEMO)
+        for name, values in sections.items():
+            if values is None:
+                raw[name] = None
+            else:
+                raw.setdefault(name, {}).update(values)
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return make
+
+
+@pytest.fixture
+def demo_copy(tmp_path: Path) -> Path:
+    """A writable copy of the demo dataset (for corrupting it)."""
+    dst = tmp_path / "demo"
+    shutil.copytree(DEMO, dst)
+    return dst
+
+
+def run_stage(main, argv: list[str], capsys) -> tuple[int, str]:
+    """Call a stage's ``main``; return (exit code, stderr)."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().err
+
+
+def sample_argv(params: Path, root: Path, out: Path, split: str = "train", coco: str = "train") -> list[str]:
+    return [
+        "--params", str(params), "--split", split,
+        "--instances", str(root / "annotations" / f"instances_{coco}.json"),
+        "--captions", str(root / "annotations" / f"captions_{coco}.json"),
+        "--images", str(root / coco), "--out", str(out),
+    ]  # fmt: skip
