@@ -7,7 +7,7 @@ not depend on batch composition. Output per split::
 
     <out>/<split>/images/<id>.png   the stylized image, same size as the input crop
     <out>/<split>/manifest.jsonl     {"id", "style", "stylized", "seed"} per image (written last)
-    <out>/fingerprint.json           what produced the images (params, model, input manifests)
+    <out>/<split>/fingerprint.json   what produced the images (params, model, input manifest)
 
 Resumable: images are written atomically one by one; a re-run with the same
 fingerprint skips those already present (the DVC output is ``persist: true``); a
@@ -35,16 +35,13 @@ if TYPE_CHECKING:
 __all__ = ["fingerprint", "stylize_batch", "stylize_splits"]
 
 
-def fingerprint(cfg: StylizeConfig, models: ModelsConfig, style: str, manifests: list[Path]) -> dict[str, Any]:
-    """Everything that determines the stylized pixels (used to decide whether to resume)."""
-    digest = hashlib.sha256()
-    for m in manifests:
-        digest.update(m.read_bytes())
+def fingerprint(cfg: StylizeConfig, models: ModelsConfig, style: str, manifest: Path) -> dict[str, Any]:
+    """Everything that determines one split's stylized pixels (decides whether to resume)."""
     return {
         "style": style,
         "stylize": {k: getattr(cfg, k) for k in ("instruction", "steps", "guidance", "max_sequence_length", "seed")},
         "models": {"kontext": models.kontext, "dtype": models.dtype},
-        "inputs_sha256": digest.hexdigest(),
+        "inputs_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
     }
 
 
@@ -87,21 +84,20 @@ def stylize_splits(
     models: ModelsConfig,
 ) -> dict[str, int]:
     """Stylize every sample of every split in ``samples`` (name -> sample dir) into ``out_dir``."""
-    manifests = [samples[s] / "manifest.jsonl" for s in sorted(samples)]
-    for m in manifests:
-        if not m.is_file():
-            raise DataError(f"{m}: file not found (run the sample stage first)")
-    fp = fingerprint(cfg, models, style, manifests)
-    fp_path = out_dir / "fingerprint.json"
-    if out_dir.exists() and (not fp_path.is_file() or read_json(fp_path) != fp):
-        shutil.rmtree(out_dir)  # stale or foreign content: never mix results of two configurations
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(fp_path, fp)
+    for split in sorted(samples):
+        if not (samples[split] / "manifest.jsonl").is_file():
+            raise DataError(f"{samples[split] / 'manifest.jsonl'}: file not found (run the sample stage first)")
     prompt = cfg.instruction.format(style=style)
     counts = {}
     for split in sorted(samples):
-        records = read_jsonl(samples[split] / "manifest.jsonl")
         split_dir = out_dir / split
+        fp = fingerprint(cfg, models, style, samples[split] / "manifest.jsonl")
+        fp_path = split_dir / "fingerprint.json"
+        if split_dir.exists() and (not fp_path.is_file() or read_json(fp_path) != fp):
+            shutil.rmtree(split_dir)  # stale or foreign content: never mix results of two configurations
+        split_dir.mkdir(parents=True, exist_ok=True)
+        write_json(fp_path, fp)
+        records = read_jsonl(samples[split] / "manifest.jsonl")
         (split_dir / "manifest.jsonl").unlink(missing_ok=True)
         todo = [r for r in records if not (split_dir / "images" / f"{r['id']}.png").is_file()]
         with tqdm(

@@ -37,6 +37,8 @@ def test_dvc_repro_on_the_demo_in_a_fresh_clone(tmp_path):
         pytest.skip("not a git checkout")
     repo = tmp_path / "repo"
     _run(["git", "clone", "-q", str(ROOT), str(repo)], tmp_path)
+    _run(["git", "config", "user.email", "test@example.com"], repo)  # dvc exp run commits
+    _run(["git", "config", "user.name", "test"], repo)
     styles = yaml.safe_load((repo / "params.yaml").read_text())["data"]["styles"]
 
     log = _run(["dvc", "repro"], repo)

@@ -18,14 +18,14 @@ def test_crop_keeps_mask_centroid_and_reports_loss():
     image = np.zeros((100, 300, 3), np.uint8)
     mask = np.zeros((100, 300), bool)
     mask[40:60, 250:290] = True  # near the right edge of a wide image
-    img_c, mask_c, (x0, y0, scale), loss = crop_square(image, mask, 64)
+    img_c, mask_c, (_x0, y0, scale), loss = crop_square(image, mask, 64)
     assert img_c.shape == (64, 64, 3) and mask_c.shape == (64, 64)
     assert scale == pytest.approx(0.64) and y0 == 0
     assert loss == pytest.approx(0.0, abs=0.05) and mask_c.sum() > 0
     # a mask wider than the crop loses area: the loss is the cut fraction
     wide = np.zeros((100, 300), bool)
     wide[40:60, 0:300] = True
-    _, mask_w, _, loss_w = crop_square(image, wide, 64)
+    _, _mask_w, _, loss_w = crop_square(image, wide, 64)
     assert loss_w == pytest.approx(1 - 64 / 192, abs=0.02)
 
 
@@ -43,8 +43,9 @@ def test_sample_stage_writes_manifest_and_is_deterministic(params_file, tmp_path
     assert stats["written"] == 8
     run_stage(sample.main, sample_argv(params, DEMO, tmp_path / "b"), capsys)
     assert (tmp_path / "a" / "manifest.jsonl").read_text() == (tmp_path / "b" / "manifest.jsonl").read_text()
-    other = params_file(sample={"seed": 1}, data={"splits": {"train": {"coco": "train", "num": 8},
-                                                            "eval": {"coco": "val", "num": 2}}})
+    other = params_file(
+        sample={"seed": 1}, data={"splits": {"train": {"coco": "train", "num": 8}, "eval": {"coco": "val", "num": 2}}}
+    )
     run_stage(sample.main, sample_argv(other, DEMO, tmp_path / "c"), capsys)
     assert (tmp_path / "a" / "manifest.jsonl").read_text() != (tmp_path / "c" / "manifest.jsonl").read_text()
 
@@ -60,12 +61,22 @@ def _tiny_coco(root: Path, boxes: list[tuple[int, int, int, int]], size: tuple[i
     for i, (x0, y0, x1, y1) in enumerate(boxes, start=1):
         Image.new("RGB", (w, h), (90, 120, 200)).save(root / "train" / f"{i}.png")
         images.append({"id": i, "file_name": f"{i}.png", "width": w, "height": h})
-        anns.append({"id": i, "image_id": i, "category_id": 18, "iscrowd": 0, "area": float((x1 - x0) * (y1 - y0)),
-                     "bbox": [x0, y0, x1 - x0, y1 - y0], "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]})
+        anns.append(
+            {
+                "id": i,
+                "image_id": i,
+                "category_id": 18,
+                "iscrowd": 0,
+                "area": float((x1 - x0) * (y1 - y0)),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
+            }
+        )
         caps.append({"id": i, "image_id": i, "caption": "a dog"})
     cats = [{"id": 18, "name": "dog", "supercategory": "animal"}]
     (root / "annotations" / "instances_train.json").write_text(
-        json.dumps({"images": images, "annotations": anns, "categories": cats}))
+        json.dumps({"images": images, "annotations": anns, "categories": cats})
+    )
     (root / "annotations" / "captions_train.json").write_text(json.dumps({"images": images, "annotations": caps}))
     return root
 
@@ -74,8 +85,10 @@ def test_drop_rule_counts_samples_losing_their_mask(params_file, tmp_path, capsy
     # image 1: a box 300 px wide in a 400x100 image -> the 100 px crop keeps 1/3: dropped (> 50% lost)
     # image 2: a small box, kept whole
     root = _tiny_coco(tmp_path / "coco", [(50, 20, 350, 80), (10, 10, 40, 40)])
-    params = params_file(sample={"resolution": 96},
-                         data={"splits": {"train": {"coco": "train", "num": 1}, "eval": {"coco": "val", "num": 1}}})
+    params = params_file(
+        sample={"resolution": 96},
+        data={"splits": {"train": {"coco": "train", "num": 1}, "eval": {"coco": "val", "num": 1}}},
+    )
     code, err = run_stage(sample.main, sample_argv(params, root, tmp_path / "o"), capsys)
     assert code == 0, err
     stats = json.loads((tmp_path / "o" / "stats.json").read_text())
@@ -84,13 +97,17 @@ def test_drop_rule_counts_samples_losing_their_mask(params_file, tmp_path, capsy
     # the drop happens only if image 1 was visited first; either way nothing lossy is written
     assert stats["dropped"].get("crop_mask_loss", 0) in (0, 1) and rows[0]["mask_loss"] == 0
     # asking for both: one is dropped, so the request cannot be met and the error names the key
-    params2 = params_file(sample={"resolution": 96},
-                          data={"splits": {"train": {"coco": "train", "num": 2}, "eval": {"coco": "val", "num": 1}}})
+    params2 = params_file(
+        sample={"resolution": 96},
+        data={"splits": {"train": {"coco": "train", "num": 2}, "eval": {"coco": "val", "num": 1}}},
+    )
     code, err = run_stage(sample.main, sample_argv(params2, root, tmp_path / "o2"), capsys)
     assert code == 2 and "asked for 2 pairs" in err and "1 dropped" in err
     # with the rule relaxed, both are kept and the lossy one reports its loss (~2/3)
-    params3 = params_file(sample={"resolution": 96, "max_mask_loss": 0.9},
-                          data={"splits": {"train": {"coco": "train", "num": 2}, "eval": {"coco": "val", "num": 1}}})
+    params3 = params_file(
+        sample={"resolution": 96, "max_mask_loss": 0.9},
+        data={"splits": {"train": {"coco": "train", "num": 2}, "eval": {"coco": "val", "num": 1}}},
+    )
     code, err = run_stage(sample.main, sample_argv(params3, root, tmp_path / "o3"), capsys)
     assert code == 0, err
     loss = {r["image_id"]: r["mask_loss"] for r in read_jsonl(tmp_path / "o3" / "manifest.jsonl")}

@@ -79,7 +79,16 @@ def test_composite_stage_writes_records(samples, tmp_path, capsys):
     for style in ("pixel-art", "line-art"):
         assert _stylize(params, sdir, tmp_path / "stylized" / style, style, capsys)[0] == 0
     out = tmp_path / "pgt"
-    argv = ["--params", str(params), "--samples", str(sdir), "--stylized", str(tmp_path / "stylized"), "--out", str(out)]
+    argv = [
+        "--params",
+        str(params),
+        "--samples",
+        str(sdir),
+        "--stylized",
+        str(tmp_path / "stylized"),
+        "--out",
+        str(out),
+    ]
     code, err = run_stage(composite.main, argv, capsys)
     assert code == 0, err
     rows = read_jsonl(out / "train" / "records.jsonl")
@@ -92,7 +101,7 @@ def test_composite_stage_writes_records(samples, tmp_path, capsys):
         assert r["composite_method"] in {"seamless", "alpha_fallback"}
     # missing stylized input: clear error naming the file, no output
     (tmp_path / "stylized" / "line-art" / "eval" / "manifest.jsonl").unlink()
-    code, err = run_stage(composite.main, argv[:-1] + [str(tmp_path / "pgt2")], capsys)
+    code, err = run_stage(composite.main, [*argv[:-1], str(tmp_path / "pgt2")], capsys)
     assert code == 2 and "line-art/eval/manifest.jsonl: file not found" in err
     assert not (tmp_path / "pgt2").exists()
 
