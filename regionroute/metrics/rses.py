@@ -1,0 +1,269 @@
+"""RSES components: regional style match (RSM) and background identity (METHOD.md section 7).
+
+Used by the ``score`` stage. RSES is reported as its parts, never folded into one number:
+
+* ``rsm_text`` (up): CLIP cosine similarity between the edited image's target region and
+  the text ``"an image in {style} style"``. The region is the mask's bounding-box crop
+  with the pixels outside the mask set to the CLIP mean colour
+  (``OPENAI_DATASET_MEAN * 255``, which normalizes to ~0), padded to a square with the
+  same colour so CLIP's centre crop keeps the whole box. Raw cosine, not x100.
+* ``rsm_image`` (up): the same region embedding against the pseudo-GT's region (same mask).
+* Background = ``1 - mask`` dilated by ``dilate`` px (Euclidean), so boundary blending is
+  not counted. Over background pixels only, images in [0, 1]: ``lpips_bg`` (down; the
+  spatial LPIPS map, alex, averaged over the background), ``mse_bg`` (down), ``psnr_bg``
+  (capped at :data:`PSNR_MAX` dB so identical backgrounds keep means finite) and
+  ``ssim_bg`` (skimage's SSIM map, averaged over the background).
+* PIE-Bench's variant, as separate columns: both images multiplied by the background
+  mask, then averaged over *all* pixels (``mse_bg_piebench``, ``lpips_bg_piebench``).
+  It equals the background-only value times the background share for MSE.
+
+Empty masks give NaN RSM; an all-object image (no background) gives NaN background metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from regionroute.errors import DataError
+
+__all__ = [
+    "CLIP_MEAN_RGB",
+    "PSNR_MAX",
+    "RSES_COLUMNS",
+    "RSESScorer",
+    "background_mask",
+    "pixel_metrics",
+    "region_crop",
+]
+
+#: OpenAI CLIP's normalization mean, as a uint8 RGB colour.
+CLIP_MEAN_RGB: tuple[int, int, int] = (123, 117, 104)  # round(OPENAI_DATASET_MEAN * 255)
+#: PSNR reported for a background with MSE 0.
+PSNR_MAX = 100.0
+RSES_COLUMNS: tuple[str, ...] = (
+    "rsm_text",
+    "rsm_image",
+    "lpips_bg",
+    "mse_bg",
+    "psnr_bg",
+    "ssim_bg",
+    "mse_bg_piebench",
+    "lpips_bg_piebench",
+    "bg_fraction",
+)
+
+
+def region_crop(
+    image: np.ndarray, mask: np.ndarray, fill: Sequence[int] = CLIP_MEAN_RGB, square: bool = False
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Crop ``image`` (H, W, 3) uint8 to the bounding box of ``mask`` (H, W) bool.
+
+    Pixels of the box outside the mask become ``fill``; with ``square`` the crop is
+    centred on a square canvas of ``fill``. Returns the crop and the box
+    ``(top, left, bottom, right)`` (exclusive ends). An empty mask is an error.
+    """
+    _check_pair(image, mask)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        raise DataError("region_crop: the mask is empty")
+    box = (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
+    top, left, bottom, right = box
+    colour = np.asarray(fill, dtype=np.uint8)
+    crop = np.where(mask[top:bottom, left:right, None], image[top:bottom, left:right], colour)  # (h, w, 3)
+    if square:
+        h, w = crop.shape[:2]
+        side = max(h, w)
+        canvas = np.empty((side, side, 3), dtype=np.uint8)
+        canvas[:] = colour
+        y, x = (side - h) // 2, (side - w) // 2
+        canvas[y : y + h, x : x + w] = crop
+        crop = canvas
+    return crop.astype(np.uint8), box
+
+
+def background_mask(mask: np.ndarray, dilate: int = 5) -> np.ndarray:
+    """``1 - mask`` after dilating the mask by ``dilate`` px (Euclidean distance): (H, W) bool."""
+    from scipy.ndimage import distance_transform_edt
+
+    if dilate < 0:
+        raise ValueError(f"dilate must be >= 0, got {dilate}")
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return np.ones_like(mask)
+    return distance_transform_edt(~mask) > dilate  # distance to the nearest mask pixel
+
+
+def pixel_metrics(edited: np.ndarray, source: np.ndarray, background: np.ndarray) -> dict[str, float]:
+    """MSE / PSNR / SSIM on the background, plus PIE-Bench's masked-image MSE.
+
+    ``edited``, ``source``: (H, W, 3) uint8; ``background``: (H, W) bool.
+    """
+    from skimage.metrics import structural_similarity
+
+    _check_pair(edited, background)
+    _check_pair(source, background)
+    a = edited.astype(np.float64) / 255.0  # (H, W, 3) in [0, 1]
+    b = source.astype(np.float64) / 255.0
+    sq = ((a - b) ** 2).mean(axis=2)  # (H, W), mean over channels
+    n_bg = int(background.sum())
+    out = {"bg_fraction": n_bg / background.size, "mse_bg_piebench": float((sq * background).mean())}
+    if n_bg == 0:
+        return {**out, "mse_bg": math.nan, "psnr_bg": math.nan, "ssim_bg": math.nan}
+    mse = float(sq[background].mean())
+    psnr = PSNR_MAX if mse == 0 else min(PSNR_MAX, 10.0 * math.log10(1.0 / mse))
+    _, ssim_map = structural_similarity(a, b, channel_axis=2, data_range=1.0, full=True)  # (H, W, 3)
+    ssim = float(ssim_map.mean(axis=2)[background].mean())
+    return {**out, "mse_bg": mse, "psnr_bg": psnr, "ssim_bg": ssim}
+
+
+class RSESScorer:
+    """Scores batches of edits; CLIP and LPIPS are loaded once, at construction.
+
+    ``clip``: reference for :func:`regionroute.models.clip.load_clip` (``"ViT-L-14/openai"``
+    in the paper); ``lpips``: for :func:`regionroute.models.lpips.load_lpips` (``"alex"``).
+    """
+
+    def __init__(
+        self,
+        clip: str = "tiny",
+        lpips: str = "tiny",
+        *,
+        device: str | torch.device = "auto",
+        dilate: int = 5,
+        template: str = "an image in {style} style",
+        batch_size: int = 16,
+    ) -> None:
+        from regionroute.models import resolve_device
+        from regionroute.models.clip import load_clip
+        from regionroute.models.lpips import load_lpips
+
+        if "{style}" not in template:
+            raise ValueError(f"template must contain '{{style}}', got {template!r}")
+        if batch_size < 1 or dilate < 0:
+            raise ValueError(f"need batch_size >= 1 and dilate >= 0, got {batch_size}, {dilate}")
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.clip, self.preprocess, self.tokenizer = load_clip(clip, self.device)
+        self.lpips = load_lpips(lpips, self.device)
+        self.dilate, self.template, self.batch_size = dilate, template, batch_size
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def text_embedding(self, style: str) -> torch.Tensor:
+        """Unit-norm CLIP embedding of the template filled with ``style``: (D,)."""
+        if style not in self._text_cache:
+            tokens = self.tokenizer([self.template.format(style=style)]).to(self.device)  # (1, L)
+            self._text_cache[style] = self.clip.encode_text(tokens, normalize=True)[0].float()
+        return self._text_cache[style]
+
+    @torch.no_grad()
+    def region_embeddings(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> torch.Tensor:
+        """Unit-norm CLIP embeddings of the masked regions: (N, D); NaN rows for empty masks."""
+        crops = [region_crop(im, m, square=True)[0] if m.any() else None for im, m in zip(images, masks, strict=True)]
+        valid = [i for i, c in enumerate(crops) if c is not None]
+        chunks = []
+        for start in range(0, len(valid), self.batch_size):
+            batch = [self.preprocess(Image.fromarray(crops[i])) for i in valid[start : start + self.batch_size]]
+            pixels = torch.stack(batch).to(self.device)  # (b, 3, S, S)
+            chunks.append(self.clip.encode_image(pixels, normalize=True).float())  # (b, D)
+        dim = chunks[0].shape[-1] if chunks else self.text_embedding("").shape[-1]
+        out = torch.full((len(crops), dim), math.nan, device=self.device)  # (N, D)
+        if valid:
+            out[valid] = torch.cat(chunks)
+        return out
+
+    @torch.no_grad()
+    def lpips_maps(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Spatial LPIPS maps (H, W) for uint8 image pairs; batched per image size."""
+        by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, (a, b) in enumerate(pairs):
+            if a.shape != b.shape:
+                raise DataError(f"LPIPS pair {i}: shapes differ, {a.shape} vs {b.shape}")
+            by_size[a.shape].append(i)
+        out: list[np.ndarray | None] = [None] * len(pairs)
+        for idx in by_size.values():
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start : start + self.batch_size]
+                a = _to_tensor([pairs[i][0] for i in chunk], self.device)  # (b, 3, H, W) in [0, 1]
+                b = _to_tensor([pairs[i][1] for i in chunk], self.device)
+                maps = self.lpips(a, b, normalize=True)[:, 0].float().cpu().numpy()  # (b, H, W)
+                for j, i in enumerate(chunk):
+                    out[i] = maps[j]
+        return out  # type: ignore[return-value]
+
+    def score(
+        self,
+        edited: Sequence[np.ndarray],
+        sources: Sequence[np.ndarray],
+        masks: Sequence[np.ndarray],
+        styles: Sequence[str],
+        pseudo_gt: Sequence[np.ndarray | None] | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> pd.DataFrame:
+        """One row per sample: ``id``, ``style`` and :data:`RSES_COLUMNS`.
+
+        ``edited`` / ``sources`` / ``pseudo_gt``: (H, W, 3) uint8, same size per sample
+        (sizes may differ between samples); ``masks``: (H, W) bool target regions.
+        ``pseudo_gt`` (or any of its items) may be ``None``: ``rsm_image`` is then NaN.
+        """
+        n = len(edited)
+        pseudo = list(pseudo_gt) if pseudo_gt is not None else [None] * n
+        ids = list(ids) if ids is not None else [str(i) for i in range(n)]
+        if not (len(sources) == len(masks) == len(styles) == len(pseudo) == len(ids) == n):
+            raise DataError("RSESScorer.score: edited, sources, masks, styles, pseudo_gt and ids differ in length")
+        masks = [np.asarray(m, dtype=bool) for m in masks]
+        for i in range(n):
+            _check_pair(edited[i], masks[i], f"sample {ids[i]}: edited")
+            _check_pair(sources[i], masks[i], f"sample {ids[i]}: source")
+            if pseudo[i] is not None:
+                _check_pair(pseudo[i], masks[i], f"sample {ids[i]}: pseudo_gt")
+        if n == 0:
+            return pd.DataFrame(columns=["id", "style", *RSES_COLUMNS])
+
+        region = self.region_embeddings(edited, masks)  # (N, D)
+        texts = torch.stack([self.text_embedding(s) for s in styles])  # (N, D)
+        rsm_text = (region * texts).sum(-1).cpu().numpy()  # (N,)
+        with_gt = [i for i in range(n) if pseudo[i] is not None]
+        rsm_image = np.full(n, math.nan)
+        if with_gt:
+            gt = self.region_embeddings([pseudo[i] for i in with_gt], [masks[i] for i in with_gt])  # (G, D)
+            rsm_image[with_gt] = (region[with_gt] * gt).sum(-1).cpu().numpy()
+
+        backgrounds = [background_mask(m, self.dilate) for m in masks]
+        plain = self.lpips_maps(list(zip(edited, sources, strict=True)))
+        # PIE-Bench: images multiplied by the background mask (background kept, rest black).
+        masked = self.lpips_maps(
+            [(_apply(e, bg), _apply(s, bg)) for e, s, bg in zip(edited, sources, backgrounds, strict=True)]
+        )
+
+        rows = []
+        for i in range(n):
+            bg = backgrounds[i]
+            row = {"id": ids[i], "style": styles[i], "rsm_text": float(rsm_text[i]), "rsm_image": float(rsm_image[i])}
+            row["lpips_bg"] = float(plain[i][bg].mean()) if bg.any() else math.nan
+            row["lpips_bg_piebench"] = float(masked[i].mean())
+            row.update(pixel_metrics(edited[i], sources[i], bg))
+            rows.append(row)
+        return pd.DataFrame(rows, columns=["id", "style", *RSES_COLUMNS])
+
+
+def _check_pair(image: np.ndarray, mask: np.ndarray, what: str = "image") -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise DataError(f"{what}: expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+    if mask.shape != image.shape[:2]:
+        raise DataError(f"{what}: image is {image.shape[:2]} but the mask is {mask.shape}")
+
+
+def _apply(image: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    return image * keep[..., None].astype(np.uint8)  # (H, W, 3) uint8, zeros outside ``keep``
+
+
+def _to_tensor(images: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+    arr = np.stack(images).astype(np.float32) / 255.0  # (b, H, W, 3)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).to(device)  # (b, 3, H, W)

@@ -1,0 +1,83 @@
+"""Loading the CLIP model of the RSM metric (METHOD.md section 7) with open_clip.
+
+Used by the ``score`` stage through :class:`regionroute.metrics.rses.RSESScorer`. A
+reference is one of:
+
+* ``"tiny"``: the toy CLIP of :mod:`regionroute.tiny.clip`, built once into the cache;
+* a local directory holding ``open_clip_config.json`` + weights (open_clip's
+  ``local-dir:`` layout, as ``hf-hub`` repositories ship);
+* ``"hf-hub:org/repo"``;
+* ``"<model>/<pretrained>"`` with an open_clip model name and a pretrained tag or a
+  local checkpoint file: ``"ViT-L-14/openai"`` is the paper's. Tags are fetched through
+  the Hugging Face cache, so offline they must already be there.
+
+Only safetensors / ``weights_only`` checkpoints are loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from regionroute.errors import UserError
+from regionroute.models import TINY, resolve_device, resolve_reference
+
+__all__ = ["load_clip"]
+
+
+def _split_spec(ref: str) -> tuple[str, dict[str, Any]]:
+    """Turn a reference into ``(model_name, create_model kwargs)`` for open_clip."""
+    import open_clip
+
+    from regionroute.tiny.clip import TINY_CLIP_VERSION, save_tiny_clip
+
+    if ref == TINY:
+        return "local-dir:" + resolve_reference(ref, "clip", save_tiny_clip, TINY_CLIP_VERSION), {}
+    if ref.startswith("hf-hub:"):
+        return ref, {}
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "open_clip_config.json").is_file():
+            raise UserError(f"models.clip: {ref!r} has no open_clip_config.json")
+        return f"local-dir:{path}", {}
+    name, sep, pretrained = ref.partition("/")
+    if not sep or not pretrained:
+        raise UserError(f"models.clip: {ref!r} is not 'tiny', a directory, 'hf-hub:org/repo' or '<model>/<pretrained>'")
+    if name not in open_clip.list_models():
+        raise UserError(f"models.clip: unknown open_clip model {name!r} in {ref!r}")
+    kwargs: dict[str, Any] = {"pretrained": pretrained}
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if tag_cfg.get("quick_gelu", False):
+        # The OpenAI weights were trained with QuickGELU; open_clip only warns on a
+        # mismatch, and ``ViT-L-14`` alone would silently use the wrong activation.
+        kwargs["force_quick_gelu"] = True
+    elif not tag_cfg and not Path(pretrained).expanduser().is_file():
+        raise UserError(
+            f"models.clip: {pretrained!r} is neither a pretrained tag of {name} "
+            f"({', '.join(open_clip.list_pretrained_tags_by_model(name))}) nor a checkpoint file"
+        )
+    return name, kwargs
+
+
+def load_clip(ref: str, device: str | torch.device = "auto") -> tuple[torch.nn.Module, Callable, Callable]:
+    """Load ``(model, preprocess, tokenizer)`` in eval mode on ``device``.
+
+    ``preprocess`` maps a PIL image to a normalized ``(3, S, S)`` tensor; ``tokenizer``
+    maps a list of strings to ``(N, context_length)`` token ids. The model's
+    ``encode_image`` / ``encode_text`` give the embeddings compared by RSM.
+    """
+    import open_clip
+
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    name, kwargs = _split_spec(ref)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, device=dev, weights_only=True, **kwargs)
+        tokenizer = open_clip.get_tokenizer(name)
+    except (OSError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"models.clip: cannot load {ref!r} ({first})") from None
+    model.eval().requires_grad_(False)
+    return model, preprocess, tokenizer

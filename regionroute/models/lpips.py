@@ -1,0 +1,52 @@
+"""Loading the LPIPS network of the background-identity metric (METHOD.md section 7).
+
+Used by the ``score`` stage through :class:`regionroute.metrics.rses.RSESScorer`. The
+model always returns the *spatial* LPIPS map (``spatial=True``), from which ``LPIPS_bg``
+averages the background pixels. References:
+
+* ``"alex"`` (the paper's), ``"vgg"`` or ``"squeeze"``: LPIPS v0.1 with its calibrated
+  linear layers (shipped inside the ``lpips`` package) on the ImageNet trunk from
+  torchvision, which must already be in the torch hub cache when offline;
+* ``"tiny"``: the same AlexNet LPIPS with the calibrated linear layers but a seeded
+  *random* trunk (``pnet_rand=True``), so nothing is downloaded (tests, the demo, CI).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from regionroute.errors import UserError
+from regionroute.models import TINY, resolve_device
+
+__all__ = ["LPIPS_NETS", "load_lpips"]
+
+LPIPS_NETS: tuple[str, ...] = ("alex", "vgg", "squeeze")
+
+
+def load_lpips(ref: str = "alex", device: str | torch.device = "auto", seed: int = 0) -> torch.nn.Module:
+    """Load a spatial LPIPS module (eval mode, frozen) on ``device``.
+
+    Call it as ``model(a, b, normalize=True)`` with ``(B, 3, H, W)`` images in [0, 1];
+    it returns the ``(B, 1, H, W)`` distance map.
+    """
+    import lpips
+
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if ref != TINY and ref not in LPIPS_NETS:
+        raise UserError(f"models.lpips: {ref!r} is not 'tiny' or one of {', '.join(LPIPS_NETS)}")
+    net = "alex" if ref == TINY else ref
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        # torchvision deprecates lpips' ``pretrained=`` argument; the behaviour is unchanged.
+        warnings.simplefilter("ignore", UserWarning)
+        torch.manual_seed(seed)
+        try:
+            model = lpips.LPIPS(net=net, spatial=True, pnet_rand=ref == TINY, verbose=False)
+        except (OSError, RuntimeError) as exc:  # URLError is an OSError: trunk not in the hub cache
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(
+                f"models.lpips: cannot load the ImageNet {net} trunk ({first}); put torchvision's weights "
+                f"in {torch.hub.get_dir()}/checkpoints or use 'tiny'"
+            ) from None
+    return model.eval().requires_grad_(False).to(dev)
