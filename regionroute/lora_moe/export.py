@@ -1,0 +1,165 @@
+"""Save, load and export the LoRA-MoE (METHOD.md §5, "Export").
+
+Used by the ``train`` stage (checkpoint + export) and by ``infer`` (reload).
+
+* :func:`export_experts`: every expert as a standard diffusers LoRA file
+  ``<dir>/<style>.safetensors``, written by ``FluxKontextPipeline.save_lora_weights``
+  (keys ``transformer.<module>.lora_A.weight`` / ``lora_B.weight``, peft's layout), so a
+  trained model runs in plain diffusers::
+
+      pipe.load_lora_weights(dir, weight_name="pixel-art.safetensors", adapter_name="pixel-art")
+
+  Scaling: peft applies ``lora_alpha / r``. By default (``fold_scale=True``) the expert's
+  ``alpha / r`` is folded into B and the file's adapter metadata says
+  ``lora_alpha = r`` (scale 1), which is also what loaders that ignore the metadata
+  (``alpha`` absent -> alpha = rank) assume, so the file means the same everywhere.
+  ``fold_scale=False`` keeps the trained A/B bit for bit and ships ``lora_alpha = alpha``
+  in the metadata (diffusers and peft read it; some third-party loaders do not).
+* :func:`save_moe` / :func:`load_moe`: the whole MoE (stacked experts, router, config
+  JSON) for resuming and for ``infer``; safetensors only, never pickle.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from regionroute.errors import DataError, UserError
+from regionroute.io import atomic_path, read_json, write_json
+from regionroute.lora_moe.config import LoraConfig
+from regionroute.lora_moe.inject import LoraMoE, inject_lora_moe
+
+__all__ = [
+    "MOE_CONFIG_NAME",
+    "MOE_WEIGHTS_NAME",
+    "expert_adapter_metadata",
+    "expert_lora_state_dict",
+    "export_experts",
+    "load_moe",
+    "save_moe",
+]
+
+MOE_CONFIG_NAME = "moe.json"
+MOE_WEIGHTS_NAME = "moe.safetensors"
+_FORMAT = "regionroute.lora_moe"
+_VERSION = 1
+
+
+def expert_lora_state_dict(
+    moe: LoraMoE, expert: str | int, *, fold_scale: bool = True, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """One expert as a peft LoRA state dict: ``<module>.lora_A.weight`` (r, in), ``.lora_B.weight`` (out, r).
+
+    Module names are relative to the transformer (``transformer_blocks.0.attn.to_q``);
+    ``save_lora_weights`` adds the ``transformer.`` prefix.
+    """
+    idx = moe.expert_index(expert)
+    sd: dict[str, torch.Tensor] = {}
+    for name, layer in moe.layers.items():
+        a = layer.lora_A[idx].detach()  # (r, in)
+        b = layer.lora_B[idx].detach()  # (out, r)
+        if fold_scale:
+            b = b * layer.scaling
+        # clone: safetensors refuses tensors that share storage (slices of the stacked experts)
+        sd[f"{name}.lora_A.weight"] = a.to(dtype or a.dtype).contiguous().clone().cpu()
+        sd[f"{name}.lora_B.weight"] = b.to(dtype or b.dtype).contiguous().clone().cpu()
+    return sd
+
+
+def expert_adapter_metadata(moe: LoraMoE, *, fold_scale: bool = True) -> dict[str, Any]:
+    """peft ``LoraConfig`` kwargs stored with each exported file (diffusers reads them on load)."""
+    rank = moe.config.rank
+    return {
+        "r": rank,
+        "lora_alpha": rank if fold_scale else moe.config.alpha,
+        "target_modules": list(moe.layers),
+    }
+
+
+def export_experts(
+    moe: LoraMoE,
+    directory: str | os.PathLike[str],
+    *,
+    fold_scale: bool = True,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Path]:
+    """Write ``<directory>/<expert>.safetensors`` per expert (atomically); returns expert -> path."""
+    from diffusers import FluxKontextPipeline
+
+    if moe.merged is not None:
+        raise UserError(f"expert {moe.merged!r} is merged into the base weights; unmerge() before exporting")
+    directory = Path(directory)
+    metadata = expert_adapter_metadata(moe, fold_scale=fold_scale)
+    paths = {}
+    for expert in moe.experts:
+        path = directory / f"{expert}.safetensors"
+        with atomic_path(path) as tmp:
+            FluxKontextPipeline.save_lora_weights(
+                save_directory=tmp.parent,
+                transformer_lora_layers=expert_lora_state_dict(moe, expert, fold_scale=fold_scale, dtype=dtype),
+                weight_name=tmp.name,
+                transformer_lora_adapter_metadata=dict(metadata),
+            )
+        paths[expert] = path
+    return paths
+
+
+def save_moe(moe: LoraMoE, directory: str | os.PathLike[str]) -> Path:
+    """Save experts + router (``moe.safetensors``) and config (``moe.json``, written last)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tensors = {k: v.contiguous().cpu() for k, v in moe.state_dict().items()}
+    with atomic_path(directory / MOE_WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_json(
+        directory / MOE_CONFIG_NAME,
+        {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "config": moe.config.to_dict(),
+            "experts": list(moe.experts),
+            "layers": list(moe.layers),
+        },
+    )
+    return directory
+
+
+def load_moe(transformer: torch.nn.Module, directory: str | os.PathLike[str]) -> LoraMoE:
+    """Inject the MoE saved by :func:`save_moe` into ``transformer`` and load its weights."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = read_json(directory / MOE_CONFIG_NAME)
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        raise DataError(f"{directory / MOE_CONFIG_NAME}: not a saved LoRA-MoE (format {_FORMAT!r})")
+    if meta.get("version") != _VERSION:
+        raise DataError(f"{directory / MOE_CONFIG_NAME}: version {meta.get('version')!r}, expected {_VERSION}")
+    try:
+        config = LoraConfig.from_dict(meta["config"])
+        experts = list(meta["experts"])
+        layers = list(meta["layers"])
+    except (KeyError, TypeError, UserError) as exc:
+        raise DataError(f"{directory / MOE_CONFIG_NAME}: bad MoE description ({exc})") from None
+    weights = directory / MOE_WEIGHTS_NAME
+    if not weights.is_file():
+        raise DataError(f"{weights}: file not found")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise DataError(f"{weights}: unreadable safetensors ({exc})") from None
+
+    moe = inject_lora_moe(transformer, config, experts)
+    if list(moe.layers) != layers:
+        moe.remove()
+        raise DataError(f"{directory}: the saved experts target other modules than this transformer offers")
+    try:
+        moe.load_state_dict({k: v.to(moe.device) for k, v in state.items()})
+    except UserError as exc:
+        moe.remove()
+        raise DataError(f"{weights}: {exc}") from None
+    return moe
