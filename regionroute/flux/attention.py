@@ -1,0 +1,443 @@
+"""Style-token attention capture for FLUX(.1-Kontext) transformers, row-wise and exact (METHOD.md section 3).
+
+Used by training (maps for the focus/cover losses, :mod:`regionroute.losses`), inference
+(maps saved per denoising step) and evaluation (:mod:`regionroute.metrics.attention`).
+
+Contract::
+
+    rec = StyleAttentionRecorder(direction="text_to_image", normalize="all", layers="all")
+    rec.install(transformer)            # set_attn_processor; the original processors are kept
+    with rec.capture(style_mask=mask, n_text=L, n_target=N):   # mask: (B, L) or (B, W, L) bool
+        out = transformer(...)          # every transformer forward inside is recorded
+    maps = rec.maps()                   # (B, N) (or (B, W, N)) float32, mean over layers, differentiable
+    rec.per_layer()                     # (B, n_layers, N) (or (B, n_layers, W, N))
+    rec.maps(forward=k)                 # k-th forward in the capture (default -1), e.g. a denoising step
+    rec.remove(transformer)             # restores the original processors
+
+Per supervised layer, on the joint sequence ``[text (L) | target (N) | rest]`` (Kontext: rest =
+the N context tokens; plain Flux: none), after RMSNorm and RoPE, float32 whatever the model dtype:
+
+* ``text_to_image`` (default): ``A[s, i] = softmax_j(q_s . k_j / sqrt(d))[i]`` over ALL keys ``j``,
+  only for the style rows ``s`` (the union of all samples' spans), restricted to target keys ``i``.
+* ``image_to_text`` exact: ``A[i, s] = exp(q_i . k_s / sqrt(d) - LSE_i)``, ``LSE_i`` over ALL keys,
+  from the CPU flash kernel (elsewhere query chunks), no grad; analytic backward in query chunks
+  (``dLSE_i/dq_i = (P K)_i / sqrt(d)``, ``dLSE_i/dk_j = P_ij q_i / sqrt(d)``). Memory linear in T.
+* ``image_to_text``, ``normalize="style_tokens"``: the public code's softmax over the sample's
+  style tokens only; summed over a word's tokens it is identically 1, no signal: reproduction
+  only. One mask row per token (``(B, |S|, L)``) gives the public per-token maps.
+
+Maps are head-means, summed over the word's tokens (per-sample mask), averaged over layers.
+``implementation="naive"`` builds the full ``T x T`` softmax (reference and benchmark only).
+
+Outputs equal diffusers' ``FluxAttnProcessor`` (same ops); outside ``capture`` nothing extra
+runs. Gradient checkpointing (diffusers' default, non-reentrant) works: the map's saved tensors
+bypass the checkpoint (identity ``saved_tensors_hooks``), so the recomputation in backward (after
+the transformer forward returned) computes and records nothing and stays aligned with the
+original forward; hence under checkpointing a supervised layer keeps its post-RoPE keys (and
+queries, for ``image_to_text``) until backward. Reentrant checkpointing runs the forward under
+``no_grad``: no differentiable maps. Recording happens only inside a call of the transformer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import (
+    FluxAttnProcessor,
+    _get_qkv_projections,
+    dispatch_attention_fn,
+)
+
+from regionroute.errors import ConfigError
+
+__all__ = ["Direction", "Normalize", "StyleAttentionRecorder", "StyleAttnProcessor"]
+
+Direction = Literal["text_to_image", "image_to_text"]
+Normalize = Literal["all", "style_tokens"]
+Implementation = Literal["rowwise", "naive"]
+LayerSpec = Literal["all", "double", "single"] | Sequence[int | str]
+
+_DOUBLE, _SINGLE = "transformer_blocks.", "single_transformer_blocks."
+
+
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _heads(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).float().contiguous()  # (B, T, H, d) -> (B, H, T, d) float32
+
+
+def _chunks(n: int, chunk: int) -> Iterator[slice]:
+    return (slice(c, min(c + chunk, n)) for c in range(0, n, chunk))
+
+
+def _key_chunks(k: torch.Tensor, chunk: int = 256) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Float32 (B, H, c, d) copies of ``chunk`` keys at a time: never a full float32 copy of ``k``."""
+    for c in _chunks(k.shape[1], chunk):
+        yield c, k[:, c].transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+
+
+class _TextToImageMap(torch.autograd.Function):
+    """``a[b, w, n] = 1/H sum_{h,k} w[b, w, k] softmax_j(q_k . k_j * scale)[t0 + n]`` for style rows ``k``.
+
+    Keys are read in chunks, so the only transient of key size is the key gradient itself.
+    """
+
+    @staticmethod
+    def forward(ctx, q_rows, k, weights, t0: int, n: int, scale: float):  # q_rows (B, K, H, d), k (B, T, H, d)
+        qf = _heads(q_rows) * scale  # (B, H, K, d)
+        p = torch.softmax(torch.cat([qf @ kc.mT for _, kc in _key_chunks(k)], -1), dim=-1)  # (B, H, K, T)
+        a = torch.einsum("bwk,bhkn->bwn", weights, p[..., t0 : t0 + n]) / k.shape[2]  # (B, W, N)
+        ctx.save_for_backward(q_rows, k, weights, p)
+        ctx.meta = (t0, n, scale)
+        return a
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (B, W, N)
+        q_rows, k, weights, p = ctx.saved_tensors
+        t0, n, scale = ctx.meta
+        dp_t = torch.einsum("bwn,bwk->bkn", grad.float(), weights)[:, None] / k.shape[2]  # (B, 1, K, N)
+        p_t = p[..., t0 : t0 + n]  # (B, H, K, N)
+        dlogits = -p * (p_t * dp_t).sum(-1, keepdim=True)  # softmax backward, (B, H, K, T)
+        dlogits[..., t0 : t0 + n] += p_t * dp_t
+        dlogits *= scale
+        qf = _heads(q_rows)  # (B, H, K, d)
+        dq = torch.zeros_like(qf)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)  # (B, T, H, d)
+        for c, kc in _key_chunks(k):
+            dq += dlogits[..., c] @ kc
+            dk[:, c] = (dlogits[..., c].mT @ qf).transpose(1, 2)
+        return dq.transpose(1, 2).to(q_rows.dtype), dk, None, None, None, None
+
+
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _lse(qs: torch.Tensor, kf: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``logsumexp_j qs_i . k_j`` (B, H, N) for pre-scaled queries, without an N x T matrix in memory.
+
+    CPU: the flash kernel's own LSE output (one fused pass, ~3x faster than chunked logsumexp here).
+    Elsewhere: query chunks of ``chunk`` rows. Called under no_grad; the gradient is analytic.
+    """
+    if qs.device.type == "cpu" and _CPU_FLASH is not None:
+        return _CPU_FLASH(qs, kf, kf, scale=1.0)[1]
+    return torch.cat([torch.logsumexp(qs[:, :, c] @ kf.mT, dim=-1) for c in _chunks(qs.shape[2], chunk)], -1)
+
+
+class _ImageToTextMap(torch.autograd.Function):
+    """``a[b, w, n] = 1/H sum_{h,k} w[b, w, k] exp(q_n . k_k * scale - LSE_n)``, LSE over all keys."""
+
+    @staticmethod
+    def forward(ctx, q, k, rows, weights, t0: int, n: int, scale: float, chunk: int):  # q, k (B, T, H, d)
+        kf, qs = _heads(k), _heads(q[:, t0 : t0 + n]) * scale  # (B, H, T, d), (B, H, N, d)
+        lse = _lse(qs, kf, chunk)  # (B, H, N)
+        att = (qs @ kf.index_select(2, rows).mT).sub_(lse[..., None]).exp_()  # (B, H, N, K)
+        a = torch.einsum("bwk,bhnk->bwn", weights, att) / q.shape[2]  # (B, W, N)
+        ctx.save_for_backward(q, k, rows, weights, lse, att)
+        ctx.meta = (t0, n, scale, chunk)
+        return a
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (B, W, N)
+        q, k, rows, weights, lse, att = ctx.saved_tensors
+        t0, n, scale, chunk = ctx.meta
+        kf, qs = _heads(k), _heads(q[:, t0 : t0 + n]) * scale  # (B, H, T, d), (B, H, N, d)
+        dz = att * torch.einsum("bwn,bwk->bnk", grad.float(), weights)[:, None] / q.shape[2]  # dL/dz, (B, H, N, K)
+        glse = -dz.sum(-1, keepdim=True)  # dL/dLSE, (B, H, N, 1)
+        dqs = dz @ kf.index_select(2, rows)  # dL/d(scaled q), (B, H, N, d)
+        dkf = torch.zeros_like(kf).index_add_(2, rows, dz.mT @ qs)  # (B, H, T, d)
+        for c in _chunks(n, chunk):  # LSE term, one (B, H, c, T) block of P at a time
+            pg = (qs[:, :, c] @ kf.mT).sub_(lse[:, :, c, None]).exp_().mul_(glse[:, :, c])
+            dqs[:, :, c] += pg @ kf  # dLSE_i/dqs_i = (P K)_i
+            dkf += pg.mT @ qs[:, :, c]  # dLSE_i/dk_j = P_ij qs_i
+            del pg  # one (B, H, c, T) block alive at a time
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # (B, T, H, d)
+        dq[:, t0 : t0 + n] = (dqs * scale).transpose(1, 2)
+        return dq.to(q.dtype), dkf.transpose(1, 2).to(k.dtype), None, None, None, None, None, None
+
+
+def _style_token_map(q, k, rows, weights, t0: int, n: int, scale: float) -> torch.Tensor:
+    """Public code's ``image_to_text``: softmax over each sample's selected style tokens only."""
+    z = _heads(q[:, t0 : t0 + n]) @ _heads(k[:, rows]).mT * scale  # (B, H, N, K)
+    own = (weights > 0).any(1)  # (B, K): the sample's own style tokens
+    att = torch.softmax(z.masked_fill(~own[:, None, None, :], float("-inf")), dim=-1)
+    return torch.einsum("bwk,bhnk->bwn", weights, att) / q.shape[2]
+
+
+def _naive_map(q, k, rows, weights, t0: int, n: int, scale: float, direction: Direction) -> torch.Tensor:
+    """Full ``T x T`` softmax per layer (reference and benchmark contrast; never for training at scale)."""
+    p = torch.softmax(_heads(q) @ _heads(k).mT * scale, dim=-1)  # (B, H, T, T)
+    if direction == "text_to_image":
+        return torch.einsum("bwk,bhkn->bwn", weights, p[:, :, rows, t0 : t0 + n]) / q.shape[2]
+    return torch.einsum("bwk,bhnk->bwn", weights, p[:, :, t0 : t0 + n][..., rows]) / q.shape[2]
+
+
+def _mask_rows(style_mask: torch.Tensor, n_text: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(B, L) or (B, W, L) bool mask -> rows (K,) style in any sample, weights (B, W, K) float32, squeeze."""
+    mask = style_mask.bool()
+    squeeze = mask.dim() == 2
+    mask = mask[:, None] if squeeze else mask  # (B, W, L)
+    if mask.dim() != 3 or mask.shape[-1] != n_text:
+        raise ValueError(f"style_mask must be (B, {n_text}) or (B, W, {n_text}), got {tuple(style_mask.shape)}")
+    if not bool(mask.any(-1).all()):
+        raise ValueError("every style_mask row must select at least one text position")
+    rows = mask.any(0).any(0).nonzero().squeeze(1)  # (K,)
+    return rows, mask[..., rows].float(), squeeze
+
+
+def _layer_map(query, key, rows, weights, n_text, n_target, direction, normalize, implementation, chunk_rows):
+    args = (n_text, n_target, query.shape[-1] ** -0.5)
+    rows, weights = rows.to(query.device), weights.to(query.device)
+    # The map's saved tensors bypass any checkpoint hooks (see module docstring).
+    with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+        if implementation == "naive":
+            return _naive_map(query, key, rows, weights, *args, direction)
+        if direction == "text_to_image":
+            return _TextToImageMap.apply(query[:, rows], key, weights, *args)
+        if normalize == "style_tokens":
+            return _style_token_map(query, key, rows, weights, *args)
+        return _ImageToTextMap.apply(query, key, rows, weights, *args, chunk_rows)
+
+
+@dataclass
+class _Capture:
+    weights: torch.Tensor  # (B, W, K) float32 mask of each word over the style rows
+    rows: torch.Tensor  # (K,) text positions that are style tokens in any sample
+    n_text: int
+    n_target: int
+    squeeze: bool  # the mask was (B, L): drop the word dim
+    layers: list[str]  # supervised layers, model order
+    records: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per forward: layer -> (B, W, N)
+    n_events: int = 0  # maps stored (a checkpoint recomputation must not add any)
+    in_forward: bool = False
+
+
+class StyleAttnProcessor:
+    """``FluxAttnProcessor`` with identical outputs that reports post-RoPE ``q, k`` to its recorder."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, recorder: StyleAttentionRecorder, name: str) -> None:
+        self.recorder, self.name = recorder, name
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        # Same ops as diffusers 0.42 FluxAttnProcessor.__call__, plus one read-only call to the recorder.
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+        query = query.unflatten(-1, (-1, attn.head_dim))
+        key = key.unflatten(-1, (-1, attn.head_dim))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        text_len = None if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        self.recorder._observe(self.name, query, key, attention_mask, text_len)  # (B, T, H, d)
+
+        hidden_states = dispatch_attention_fn(
+            query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )  # fmt: skip
+        hidden_states = hidden_states.flatten(2, 3)
+        hidden_states = hidden_states.to(query.dtype)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+            )
+            hidden_states = attn.to_out[0](hidden_states.contiguous())
+            hidden_states = attn.to_out[1](hidden_states)
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+def _select_layers(names: list[str], layers: LayerSpec) -> list[str]:
+    if layers == "all":
+        return list(names)
+    if layers in ("double", "single"):
+        prefix = _DOUBLE if layers == "double" else _SINGLE
+        return [n for n in names if n.startswith(prefix)]
+    if isinstance(layers, str) or not isinstance(layers, Sequence) or not layers:
+        raise ConfigError(f"attention layers must be 'all', 'double', 'single' or a non-empty list, got {layers!r}")
+    chosen: set[str] = set()
+    for item in layers:
+        if isinstance(item, int) and not isinstance(item, bool):
+            if not 0 <= item < len(names):
+                raise ConfigError(f"attention layer index {item} out of range: the model has {len(names)} layers")
+            chosen.add(names[item])
+            continue
+        hits = [n for n in names if isinstance(item, str) and (n == item or n.startswith(item.rstrip(".") + "."))]
+        if not hits:
+            raise ConfigError(f"attention layer {item!r} matches none of the model's layers (e.g. {names[0]!r})")
+        chosen.update(hits)
+    return [n for n in names if n in chosen]  # model order
+
+
+class StyleAttentionRecorder:
+    """Records style-token attention maps over the target-image token grid (see module docstring).
+
+    Args:
+        direction: ``"text_to_image"`` (default) or ``"image_to_text"``.
+        normalize: ``"all"`` (softmax over all keys, default) or ``"style_tokens"`` (image_to_text only).
+        layers: ``"all"`` (default: every double and single block), ``"double"``, ``"single"``, or a list
+            of global layer indices (double blocks first) and/or processor names or prefixes
+            (``"single_transformer_blocks.3"``).
+        implementation: ``"rowwise"`` (default) or ``"naive"`` (full ``T x T`` matrix; reference only).
+        chunk_rows: target-image query rows per ``image_to_text`` chunk: the LSE pass holds one
+            ``(B, heads, chunk_rows, T)`` float32 block, memory linear in the tokens ``T``.
+    """
+
+    def __init__(
+        self,
+        direction: Direction = "text_to_image",
+        normalize: Normalize = "all",
+        layers: LayerSpec = "all",
+        implementation: Implementation = "rowwise",
+        chunk_rows: int = 256,
+    ) -> None:
+        allowed = {"direction": Direction, "normalize": Normalize, "implementation": Implementation}
+        for key, value in (("direction", direction), ("normalize", normalize), ("implementation", implementation)):
+            if value not in get_args(allowed[key]):
+                raise ConfigError(f"attention {key} must be one of {get_args(allowed[key])}, got {value!r}")
+        if normalize == "style_tokens" and direction != "image_to_text":
+            raise ConfigError("attention normalize 'style_tokens' only exists for direction 'image_to_text'")
+        self.direction, self.normalize, self.layers = direction, normalize, layers
+        self.implementation, self.chunk_rows = implementation, max(1, int(chunk_rows))
+        self._options = (direction, normalize, implementation, self.chunk_rows)
+        self.layer_names: list[str] = []
+        self._originals: dict | None = None
+        self._hooks: list = []
+        self._active: _Capture | None = None
+        self._last: _Capture | None = None
+
+    def install(self, transformer) -> None:
+        """Replace the selected layers' processors (``set_attn_processor``); keeps the originals."""
+        if self._originals is not None:
+            raise RuntimeError("StyleAttentionRecorder is already installed; remove() it first")
+        originals = dict(transformer.attn_processors)
+        selected = _select_layers(list(originals), self.layers)
+        if bad := [n for n in selected if type(originals[n]) is not FluxAttnProcessor]:
+            raise TypeError(f"{bad[0]} uses {type(originals[bad[0]]).__name__}, not diffusers' FluxAttnProcessor")
+        new = dict(originals)
+        for name in selected:  # keep the backend / parallel settings diffusers put on the originals
+            new[name] = proc = StyleAttnProcessor(self, name)
+            proc._attention_backend = originals[name]._attention_backend
+            proc._parallel_config = originals[name]._parallel_config
+        transformer.set_attn_processor(new)
+        self._originals, self.layer_names = originals, selected
+        self._hooks = [transformer.register_forward_pre_hook(self._start), transformer.register_forward_hook(self._end)]
+
+    def remove(self, transformer) -> None:
+        """Restore the processors that were in place before :meth:`install`."""
+        if self._originals is None:
+            raise RuntimeError("StyleAttentionRecorder is not installed")
+        transformer.set_attn_processor(dict(self._originals))
+        for hook in self._hooks:
+            hook.remove()
+        self._originals, self._hooks, self.layer_names = None, [], []
+
+    def _start(self, module, args) -> None:  # transformer forward pre-hook: a new record per forward
+        if self._active is not None:
+            self._active.records.append({})
+            self._active.in_forward = True
+
+    def _end(self, module, args, output) -> None:  # after it, processor calls are checkpoint recomputations
+        if self._active is not None:
+            self._active.in_forward = False
+
+    @contextmanager
+    def capture(self, style_mask: torch.Tensor, n_text: int, n_target: int) -> Iterator[StyleAttentionRecorder]:
+        """Record every transformer forward in the block. ``style_mask``: (B, L) or (B, W, L) bool, text positions."""
+        if self._originals is None:
+            raise RuntimeError("install() the recorder before capture()")
+        if self._active is not None:
+            raise RuntimeError("capture() does not nest")
+        rows, weights, squeeze = _mask_rows(style_mask, n_text)
+        self._active = _Capture(weights, rows, int(n_text), int(n_target), squeeze, list(self.layer_names))
+        self._last = self._active
+        try:
+            yield self
+        finally:
+            self._active = None
+
+    def _observe(self, name, query, key, attention_mask, text_len: int | None) -> None:
+        cap = self._active
+        if cap is None or not cap.in_forward:  # outside capture, or a checkpoint recomputation in backward
+            return
+        if name in cap.records[-1]:
+            raise RuntimeError(f"{name} ran twice in one transformer forward")
+        if attention_mask is not None:
+            raise NotImplementedError("style-token attention capture does not support an attention_mask")
+        batch, seq = query.shape[:2]
+        if text_len not in (None, cap.n_text) or seq < cap.n_text + cap.n_target or batch != cap.weights.shape[0]:
+            raise ValueError(
+                f"{name}: batch {batch}, {seq} tokens (text {text_len}) do not fit the capture's "
+                f"batch {cap.weights.shape[0]}, n_text={cap.n_text}, n_target={cap.n_target}"
+            )
+        amap = _layer_map(query, key, cap.rows, cap.weights, cap.n_text, cap.n_target, *self._options)
+        cap.records[-1][name] = amap  # (B, W, N) float32
+        cap.n_events += 1
+
+    def layer_map(self, query: torch.Tensor, key: torch.Tensor, style_mask: torch.Tensor, n_target: int):
+        """One layer's map from post-RoPE ``query``/``key`` (B, T, H, d), as a processor records it.
+
+        Text positions are the first ``style_mask.shape[-1]`` tokens. Returns (B, N) or (B, W, N) float32.
+        For custom processors, tests and benchmarks; needs no installed transformer.
+        """
+        rows, weights, squeeze = _mask_rows(style_mask, style_mask.shape[-1])
+        amap = _layer_map(query, key, rows, weights, style_mask.shape[-1], n_target, *self._options)
+        return amap[:, 0] if squeeze else amap
+
+    @property
+    def n_recorded(self) -> int:
+        """Layer maps recorded by the last capture: n_forwards x supervised layers, recomputations excluded."""
+        return 0 if self._last is None else self._last.n_events
+
+    @property
+    def n_forwards(self) -> int:
+        """Transformer forwards recorded by the last capture (e.g. one per denoising step)."""
+        return 0 if self._last is None else len(self._last.records)
+
+    def per_layer(self, forward: int = -1) -> torch.Tensor:
+        """Maps per supervised layer of one recorded forward (default: the last), (B, n_layers[, W], N)."""
+        cap = self._last
+        if cap is None or not cap.records:
+            raise RuntimeError("no attention recorded: call the transformer inside capture()")
+        records = cap.records[forward]
+        missing = [n for n in cap.layers if n not in records]
+        if missing:
+            raise RuntimeError(f"{len(missing)} supervised layers recorded nothing (first: {missing[0]})")
+        out = torch.stack([records[n] for n in cap.layers], dim=1)  # (B, n_layers, W, N)
+        return out[:, :, 0] if cap.squeeze else out
+
+    def maps(self, forward: int = -1) -> torch.Tensor:
+        """Mean over supervised layers, (B, N) or (B, W, N) for a (B, W, L) mask; float32, differentiable."""
+        return self.per_layer(forward).mean(dim=1)
+
+    def clear(self) -> None:
+        """Drop the last capture's maps (and the graph they hold)."""
+        self._last = None
