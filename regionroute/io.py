@@ -24,6 +24,7 @@ from regionroute.errors import DataError
 __all__ = [
     "atomic_dir",
     "atomic_path",
+    "prepare_resumable_dir",
     "read_image",
     "read_json",
     "read_jsonl",
@@ -143,3 +144,19 @@ def write_image(path: str | os.PathLike[str], image: np.ndarray | Image.Image) -
 def write_mask(path: str | os.PathLike[str], mask: np.ndarray) -> None:
     """Write a boolean mask as an 8-bit PNG (0 / 255), atomically."""
     write_image(path, Image.fromarray(np.where(np.asarray(mask, dtype=bool), 255, 0).astype(np.uint8), mode="L"))
+
+
+def prepare_resumable_dir(path: str | os.PathLike[str], fingerprint: dict[str, Any]) -> Path:
+    """Create ``path`` for a resumable stage output keyed by ``fingerprint``.
+
+    Content written under another fingerprint (other params, model or inputs), or with
+    none, is deleted: a resumed run never mixes results of two configurations.
+    """
+    path = Path(path)
+    fp_path = path / "fingerprint.json"
+    fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))  # tuples -> lists, as read back
+    if path.exists() and (not fp_path.is_file() or read_json(fp_path) != fingerprint):
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_json(fp_path, fingerprint)
+    return path

@@ -17,7 +17,6 @@ different fingerprint (params, model or inputs changed) starts from scratch.
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from regionroute.config import ModelsConfig, StylizeConfig
 from regionroute.errors import DataError
-from regionroute.io import read_image, read_json, read_jsonl, write_image, write_json, write_jsonl
+from regionroute.io import prepare_resumable_dir, read_image, read_jsonl, write_image, write_jsonl
 
 if TYPE_CHECKING:
     from diffusers import FluxKontextPipeline
@@ -90,13 +89,9 @@ def stylize_splits(
     prompt = cfg.instruction.format(style=style)
     counts = {}
     for split in sorted(samples):
-        split_dir = out_dir / split
-        fp = fingerprint(cfg, models, style, samples[split] / "manifest.jsonl")
-        fp_path = split_dir / "fingerprint.json"
-        if split_dir.exists() and (not fp_path.is_file() or read_json(fp_path) != fp):
-            shutil.rmtree(split_dir)  # stale or foreign content: never mix results of two configurations
-        split_dir.mkdir(parents=True, exist_ok=True)
-        write_json(fp_path, fp)
+        split_dir = prepare_resumable_dir(
+            out_dir / split, fingerprint(cfg, models, style, samples[split] / "manifest.jsonl")
+        )
         records = read_jsonl(samples[split] / "manifest.jsonl")
         (split_dir / "manifest.jsonl").unlink(missing_ok=True)
         todo = [r for r in records if not (split_dir / "images" / f"{r['id']}.png").is_file()]

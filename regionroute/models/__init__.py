@@ -18,7 +18,7 @@ import torch
 
 from regionroute.errors import UserError
 
-__all__ = ["cache_dir", "resolve_device", "resolve_dtype", "resolve_reference"]
+__all__ = ["cache_dir", "quiet_loading", "resolve_device", "resolve_dtype", "resolve_reference"]
 
 TINY = "tiny"
 
@@ -58,6 +58,15 @@ def resolve_reference(ref: str, name: str, build: Callable[[Path], object], vers
     if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
         raise UserError(f"model reference {ref!r}: no such directory, and not a hub id of the form 'org/name'")
     return ref
+
+
+def quiet_loading() -> None:
+    """Turn off diffusers'/transformers' per-component loading bars (stage logs keep our own bars)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
 
 
 def resolve_device(device: str) -> torch.device:

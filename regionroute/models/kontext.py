@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from regionroute.errors import UserError
-from regionroute.models import resolve_device, resolve_dtype, resolve_reference
+from regionroute.models import quiet_loading, resolve_device, resolve_dtype, resolve_reference
 
 if TYPE_CHECKING:
     from diffusers import FluxKontextPipeline
@@ -21,6 +21,7 @@ def load_kontext(cfg: ModelsConfig) -> FluxKontextPipeline:
 
     from regionroute.tiny.kontext import TINY_KONTEXT_VERSION, save_tiny_kontext
 
+    quiet_loading()
     source = resolve_reference(cfg.kontext, "kontext", save_tiny_kontext, TINY_KONTEXT_VERSION)
     device = resolve_device(cfg.device)
     try:

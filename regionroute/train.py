@@ -1,0 +1,437 @@
+"""Stage ``train``: LoRA-MoE on FLUX.1-Kontext with flow matching + attention supervision.
+
+METHOD.md §2 (model input) and §4-5. Follows diffusers'
+``examples/dreambooth/train_dreambooth_lora_flux_kontext.py`` for the input construction,
+importing its helpers from ``diffusers.training_utils`` rather than copying the script:
+
+* ``x0 = (vae.encode(pseudo_gt).mode() - shift) * scale``, the context (original) the
+  same way; both packed 2x2; ids from ``FluxKontextPipeline._prepare_latent_image_ids``
+  with the context ids' first coordinate set to 1 (the pipeline does this; the public
+  RegionRoute code forgets it, a train/inference mismatch we do not copy);
+* ``sigma`` via ``compute_density_for_timestep_sampling`` indexed into the scheduler's
+  sigma table, ``x_t = (1 - sigma) x0 + sigma noise``, target ``noise - x0``, loss
+  weighted by ``compute_loss_weighting_for_sd3``;
+* sequence ``[text (L) | target (N) | context (N)]``, prediction = first N image tokens;
+* latents and text embeddings are computed once (:func:`encode_dataset`), then the VAE
+  and text encoders are freed.
+
+The total loss is ``flow + w_focus * focus + w_cover * cover + w_balance * balance``.
+Mixed precision, gradient accumulation and multi-GPU (``accelerate launch``) come from
+accelerate. Every micro-batch (sample indices, noise, sigmas) is drawn from a generator
+seeded by ``(seed, step, micro, process)``, so a run resumed from a checkpoint continues
+exactly as the uninterrupted run would have. Checkpoints are written atomically every
+``checkpoint_every`` steps; a non-finite loss stops the run and keeps the last good one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from regionroute.config import LossConfig, TrainConfig
+from regionroute.errors import DataError, UserError
+from regionroute.io import atomic_dir, prepare_resumable_dir, read_image, read_json, read_jsonl, read_mask, write_json
+
+__all__ = ["TrainCache", "TrainingError", "encode_dataset", "probe_attention", "read_model_config", "train"]
+
+MODEL_CONFIG_NAME = "regionroute.json"
+
+
+class TrainingError(UserError):
+    """Training stopped (non-finite loss); the message names the last good checkpoint."""
+
+
+@dataclass
+class TrainCache:
+    """Everything the loop needs, encoded once. Shapes for B samples, text length L, N tokens."""
+
+    x0: torch.Tensor  # (B, N, C*4) packed target latents
+    context: torch.Tensor  # (B, N, C*4) packed context latents
+    prompt_embeds: torch.Tensor  # (B, L, D) T5
+    pooled: torch.Tensor  # (B, Dp) CLIP pooled
+    style_mask: torch.Tensor  # (B, L) bool, the style word's T5 tokens
+    mask_grid: torch.Tensor  # (B, h, w) soft (area-averaged) mask on the token grid
+    style_ids: torch.Tensor  # (B,) int64 expert index
+    latent_hw: tuple[int, int]  # unpacked latent (H/8, W/8)
+    n_records: int = 0
+
+
+def encode_dataset(
+    pipe: Any, records_path: Path, styles: tuple[str, ...], cfg: TrainConfig, batch_size: int = 8
+) -> TrainCache:
+    """Encode images (VAE) and instructions (T5 + CLIP) of ``records.jsonl`` once."""
+    from regionroute.flux.tokens import style_token_mask
+    from regionroute.losses import downsample_mask
+
+    records = read_jsonl(records_path)
+    if not records:
+        raise DataError(f"{records_path}: no training records")
+    unknown = sorted({r["style"] for r in records} - set(styles))
+    if unknown:
+        raise DataError(f"{records_path}: style {unknown[0]!r} is not in data.styles ({', '.join(styles)})")
+    root = records_path.parent
+    device, vae = pipe._execution_device, pipe.vae
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("x0", "context", "prompt", "pooled", "mask")}
+    latent_hw = None
+    with torch.no_grad():
+        for start in tqdm(range(0, len(records), batch_size), desc="encode", unit="batch"):
+            batch = records[start : start + batch_size]
+            for key, field in (("x0", "pseudo_gt"), ("context", "original")):
+                images = np.stack([read_image(root / r[field]) for r in batch])  # (b, H, W, 3)
+                x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device, vae.dtype)
+                lat = (vae.encode(x).latent_dist.mode() - shift) * scale  # (b, C, H/8, W/8)
+                b, c, h, w = lat.shape
+                latent_hw = (h, w)
+                out[key].append(pipe._pack_latents(lat, b, c, h, w).float().cpu())
+            prompts = [r["instruction"] for r in batch]
+            embeds, pooled, _ = pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, device=device, max_sequence_length=cfg.max_sequence_length
+            )
+            out["prompt"].append(embeds.float().cpu())
+            out["pooled"].append(pooled.float().cpu())
+            masks = torch.from_numpy(np.stack([read_mask(root / r["mask"]) for r in batch])).float()
+            out["mask"].append(downsample_mask(masks, latent_hw[0] // 2, latent_hw[1] // 2))
+    style_mask = style_token_mask(
+        pipe.tokenizer_2, [r["instruction"] for r in records], [r["style"] for r in records], cfg.max_sequence_length
+    )
+    return TrainCache(
+        x0=torch.cat(out["x0"]),
+        context=torch.cat(out["context"]),
+        prompt_embeds=torch.cat(out["prompt"]),
+        pooled=torch.cat(out["pooled"]),
+        style_mask=style_mask,
+        mask_grid=torch.cat(out["mask"]),
+        style_ids=torch.tensor([styles.index(r["style"]) for r in records]),
+        latent_hw=latent_hw,
+        n_records=len(records),
+    )
+
+
+def _image_ids(pipe: Any, hw: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Target ids then context ids (first coordinate 1, as FluxKontextPipeline.prepare_latents)."""
+    h, w = hw[0] // 2, hw[1] // 2
+    target = pipe._prepare_latent_image_ids(1, h, w, device, dtype)  # (N, 3)
+    context = target.clone()
+    context[..., 0] = 1
+    return torch.cat([target, context], dim=0)  # (2N, 3)
+
+
+class _Step:
+    """One forward of the flow-matching + attention objective on a micro-batch."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        transformer: Any,
+        moe: Any,
+        recorder: Any,
+        cache: TrainCache,
+        cfg: TrainConfig,
+        loss_cfg: LossConfig,
+        balance_weight: float,
+    ) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from regionroute.losses import AttentionLossConfig
+
+        self.transformer, self.moe, self.recorder, self.cache, self.cfg = transformer, moe, recorder, cache, cfg
+        self.loss_cfg, self.balance_weight = loss_cfg, balance_weight
+        self.att_cfg = AttentionLossConfig(
+            loss_cfg.focus_distribution, loss_cfg.tau, loss_cfg.cover_map, loss_cfg.alpha
+        )
+        self.sigmas = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config).sigmas.float()
+        self.device = next(transformer.parameters()).device
+        self.dtype = next(transformer.parameters()).dtype
+        self.img_ids = _image_ids(pipe, cache.latent_hw, self.device, self.dtype)
+        self.txt_ids = torch.zeros(cache.prompt_embeds.shape[1], 3, device=self.device, dtype=self.dtype)
+        self.supervise = loss_cfg.focus_weight > 0 or loss_cfg.cover_weight > 0
+
+    def draw(self, gen: torch.Generator, batch_size: int) -> dict[str, torch.Tensor]:
+        """Sample indices, noise and sigmas for one micro-batch from ``gen``."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        idx = torch.randint(self.cache.n_records, (batch_size,), generator=gen)
+        noise = torch.randn(self.cache.x0[idx].shape, generator=gen)
+        torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))  # for the density sampler
+        u = compute_density_for_timestep_sampling(
+            self.cfg.weighting_scheme, batch_size, self.cfg.logit_mean, self.cfg.logit_std, self.cfg.mode_scale
+        )
+        steps = (u * (len(self.sigmas) - 1)).round().long().clamp(0, len(self.sigmas) - 2)
+        return {"idx": idx, "noise": noise, "sigma": self.sigmas[steps]}
+
+    def __call__(self, draw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        from regionroute.losses import attention_losses
+        from regionroute.metrics.attention import attention_mass_inside
+
+        c, dev, dt = self.cache, self.device, self.dtype
+        idx = draw["idx"]
+        x0, noise = c.x0[idx].to(dev), draw["noise"].to(dev)
+        sigma = draw["sigma"].to(dev).view(-1, 1, 1)  # (B, 1, 1)
+        xt = (1 - sigma) * x0 + sigma * noise  # (B, N, C*4)
+        n = xt.shape[1]
+        hidden = torch.cat([xt, c.context[idx].to(dev)], dim=1).to(dt)  # (B, 2N, C*4)
+        b = hidden.shape[0]
+        self.moe.route(style_ids=c.style_ids[idx].to(dev), pooled=c.pooled[idx].to(dev))
+        kwargs = dict(
+            hidden_states=hidden,
+            timestep=sigma.view(-1).to(dt),
+            pooled_projections=c.pooled[idx].to(dev, dt),
+            encoder_hidden_states=c.prompt_embeds[idx].to(dev, dt),
+            txt_ids=self.txt_ids,
+            img_ids=self.img_ids,
+            guidance=torch.full((b,), self.cfg.guidance, device=dev, dtype=torch.float32),
+            return_dict=False,
+        )
+        if self.supervise:
+            with self.recorder.capture(
+                style_mask=c.style_mask[idx].to(dev), n_text=c.prompt_embeds.shape[1], n_target=n
+            ):
+                pred = self.transformer(**kwargs)[0][:, :n]
+            maps = self.recorder.maps()  # (B, N)
+        else:
+            pred = self.transformer(**kwargs)[0][:, :n]
+        weight = compute_loss_weighting_for_sd3(self.cfg.weighting_scheme, sigma).float()
+        flow = (weight * (pred.float() - (noise - x0)) ** 2).mean()
+        terms = {"flow": flow, "balance": self.moe.balance_loss()}
+        total = flow + self.balance_weight * terms["balance"]
+        if self.supervise:
+            h, w = c.mask_grid.shape[1:]
+            masks = c.mask_grid[idx].to(dev)
+            att = attention_losses(maps.view(b, h, w), masks, self.att_cfg)
+            terms |= {"focus": att["focus"], "cover": att["cover"], "n_empty": torch.tensor(float(att["n_empty"]))}
+            total = total + self.loss_cfg.focus_weight * att["focus"] + self.loss_cfg.cover_weight * att["cover"]
+            terms["mass_inside"] = torch.nanmean(attention_mass_inside(maps.detach().view(b, h, w), masks))
+        terms["total"] = total
+        return terms
+
+
+def probe_attention(step_fn: _Step, n: int = 8, seed: int = 1234) -> dict[str, float]:
+    """Attention terms on a FIXED set of samples, noise and sigmas (no grad): comparable over training."""
+    if not step_fn.supervise:
+        return {}
+    gen = torch.Generator().manual_seed(seed)
+    n = min(n, step_fn.cache.n_records)
+    draw = {
+        "idx": torch.arange(n),
+        "noise": torch.randn(step_fn.cache.x0[:n].shape, generator=gen),
+        "sigma": torch.linspace(0.3, 0.7, n),
+    }
+    with torch.no_grad():
+        terms = step_fn(draw)
+    return {k: float(terms[k]) for k in ("focus", "cover", "mass_inside")}
+
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    return sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").is_file())
+
+
+#: train params that may change between a run and its resumption (the rest must match).
+_RESUMABLE = ("steps", "checkpoint_every", "keep_checkpoints", "log_every")
+
+
+def _save_checkpoint(ckpt_dir: Path, step: int, moe: Any, optimizer: Any, keep: int) -> Path:
+    from regionroute.lora_moe import save_moe
+
+    path = ckpt_dir / f"step-{step:07d}"
+    with atomic_dir(path) as tmp:
+        save_moe(moe, tmp / "moe")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        write_json(tmp / "state.json", {"step": step})
+    for old in _checkpoints(ckpt_dir)[:-keep]:
+        shutil.rmtree(old)
+    return path
+
+
+def _make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw8bit":
+        if not torch.cuda.is_available():
+            raise UserError("train.optimizer: adamw8bit needs a CUDA GPU (bitsandbytes); use adamw on CPU")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("train.optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def train(
+    pipe: Any,
+    cache: TrainCache,
+    styles: tuple[str, ...],
+    lora_cfg: Any,
+    loss_cfg: LossConfig,
+    cfg: TrainConfig,
+    out_dir: Path,
+    ckpt_dir: Path,
+    live_dir: Path | None = None,
+    base_model: str = "",
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """Train the experts; write the model to ``out_dir``; return the final logged values.
+
+    The returned summary also holds ``probe_before/*`` and ``probe_after/*``: the attention
+    terms on a fixed batch (:func:`probe_attention`) at the start and at the end of this run.
+
+    ``on_step(step)`` is called after each optimizer step (tests use it to simulate a kill).
+    """
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    from regionroute.flux.attention import StyleAttentionRecorder
+    from regionroute.lora_moe import export_experts, inject_lora_moe, load_moe, save_moe
+
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1, cpu=pipe._execution_device.type == "cpu"
+    )
+    transformer = pipe.transformer
+    transformer.requires_grad_(False)
+    # checkpoints of another configuration are discarded, never resumed (ablations share the dir)
+    prepare_resumable_dir(
+        ckpt_dir,
+        {
+            "base_model": base_model,
+            "styles": list(styles),
+            "lora": asdict(lora_cfg),
+            "loss": asdict(loss_cfg),
+            "train": {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE},
+            "records": cache.n_records,
+        },
+    )
+    ckpts = _checkpoints(ckpt_dir)
+    torch.manual_seed(cfg.seed)  # expert init (A ~ gaussian) is part of the run's seed
+    moe = load_moe(transformer, ckpts[-1] / "moe") if ckpts else inject_lora_moe(transformer, lora_cfg, styles)
+    start = read_json(ckpts[-1] / "state.json")["step"] if ckpts else 0
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    recorder = StyleAttentionRecorder(
+        direction=loss_cfg.direction, normalize=loss_cfg.normalize, layers=loss_cfg.layers
+    )
+    recorder.install(transformer)
+    optimizer = _make_optimizer(moe.trainable_parameters(), cfg)
+    if ckpts:
+        optimizer.load_state_dict(torch.load(ckpts[-1] / "optimizer.pt", weights_only=True))
+    scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps
+    )
+    with warnings.catch_warnings():  # fast-forward the schedule to the resumed step
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(start):
+            scheduler.step()
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    step_fn = _Step(pipe, transformer, moe, recorder, cache, cfg, loss_cfg, lora_cfg.balance_weight)
+    # dvclive logs live beside the checkpoints (same fingerprint, survive a resume) and are
+    # copied to ``live_dir`` at the end (DVC deletes stage outputs before re-running a stage)
+    live = _live(ckpt_dir / "dvclive", resume=start > 0) if accelerator.is_main_process and live_dir else None
+    sums: dict[str, float] = {}
+    last: dict[str, float] = {}
+    probe_path = ckpt_dir / "probe_before.json"  # the probe at step 0, kept across resumptions
+    if start > 0 and probe_path.is_file():
+        before = read_json(probe_path)
+    else:
+        before = probe_attention(step_fn)
+        write_json(probe_path, before)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not accelerator.is_main_process)
+    for step in range(start, cfg.steps):
+        for micro in range(cfg.gradient_accumulation):
+            gen = torch.Generator().manual_seed(hash((cfg.seed, step, micro, accelerator.process_index)) % 2**63)
+            with accelerator.autocast():
+                terms = step_fn(step_fn.draw(gen, cfg.batch_size))
+            if not torch.isfinite(terms["total"]):
+                good = _checkpoints(ckpt_dir)
+                where = f"last good checkpoint: {good[-1]}" if good else "no checkpoint was written yet"
+                values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                raise TrainingError(f"non-finite loss at step {step + 1} ({values}); stopped, {where}")
+            accelerator.backward(terms["total"] / cfg.gradient_accumulation)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.gradient_accumulation
+        accelerator.clip_grad_norm_(moe.trainable_parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            last = {
+                k: v / (cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every) for k, v in sums.items()
+            }
+            last["lr"] = scheduler.get_last_lr()[0]
+            gates = moe.gate_weights()
+            if gates is not None:
+                last["router_entropy"] = float(-(gates.mean(0).clamp_min(1e-12).log() * gates.mean(0)).sum())
+            bar.set_postfix(loss=f"{last['total']:.4f}")
+            if live is not None:
+                _log(live, last, done)
+            sums = {}
+        if accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            _save_checkpoint(ckpt_dir, done, moe, optimizer, cfg.keep_checkpoints)
+        if on_step is not None:
+            on_step(done)
+    bar.close()
+    after = probe_attention(step_fn)
+    summary = {
+        **last,
+        **{f"probe_before/{k}": v for k, v in before.items()},
+        **{f"probe_after/{k}": v for k, v in after.items()},
+    }
+    if live is not None:
+        for k, v in summary.items():
+            if k.startswith("probe"):
+                live.summary[k] = v
+    recorder.remove(accelerator.unwrap_model(transformer))
+    if accelerator.is_main_process:
+        with atomic_dir(out_dir) as tmp:
+            save_moe(moe, tmp / "moe")
+            export_experts(moe, tmp / "lora")
+            write_json(
+                tmp / MODEL_CONFIG_NAME,
+                {
+                    "base_model": base_model,
+                    "styles": list(styles),
+                    "lora": asdict(lora_cfg),
+                    "loss": asdict(loss_cfg),
+                    "train": asdict(cfg),
+                    "latent_hw": list(cache.latent_hw),
+                },
+            )
+        if live is not None:
+            live.make_summary()
+            live.end()
+            with atomic_dir(live_dir) as tmp:
+                shutil.copytree(ckpt_dir / "dvclive", tmp, dirs_exist_ok=True)
+    return summary
+
+
+def _live(live_dir: Path, resume: bool) -> Any:
+    from dvclive import Live
+
+    return Live(dir=str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None)
+
+
+def _log(live: Any, values: dict[str, float], step: int) -> None:
+    live.step = step
+    for k, v in values.items():
+        if k == "n_empty":
+            continue
+        live.log_metric(f"train/{k}", float(v))
+    live.make_summary()  # metrics.json = the latest values
+
+
+def read_model_config(model_dir: Path) -> dict[str, Any]:
+    """The ``regionroute.json`` a training run wrote (base model, styles, configs)."""
+    path = Path(model_dir) / MODEL_CONFIG_NAME
+    if not path.is_file():
+        raise UserError(f"{model_dir}: not a trained RegionRoute model (no {MODEL_CONFIG_NAME})")
+    return json.loads(path.read_text())

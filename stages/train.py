@@ -1,0 +1,49 @@
+"""DVC stage ``train``: LoRA-MoE + attention supervision on the pseudo-GT (regionroute.train)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from regionroute.config import DataConfig, LossConfig, ModelsConfig, TrainConfig, load_section
+from regionroute.errors import exit_on_user_error
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument("--records", type=Path, required=True, help="composite stage records.jsonl (train split)")
+    p.add_argument("--out", type=Path, required=True, help="trained model directory")
+    p.add_argument("--checkpoints", type=Path, required=True, help="checkpoint directory (resumed from)")
+    p.add_argument("--live", type=Path, default=None, help="dvclive directory (metrics and plots)")
+    return p
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    data = load_section(args.params, "data", DataConfig)
+    models = load_section(args.params, "models", ModelsConfig)
+    lora = load_section(args.params, "lora")
+    loss = load_section(args.params, "loss", LossConfig)
+    cfg = load_section(args.params, "train", TrainConfig)
+    import torch
+
+    from regionroute.models.kontext import load_kontext
+    from regionroute.train import encode_dataset, train
+
+    torch.manual_seed(cfg.seed)
+    pipe = load_kontext(models)
+    cache = encode_dataset(pipe, args.records, data.styles, cfg)
+    # the encoders are not needed any more (METHOD.md §2: cache once, then free them)
+    pipe.vae = pipe.text_encoder = pipe.text_encoder_2 = None
+    summary = train(
+        pipe, cache, data.styles, lora, loss, cfg, args.out, args.checkpoints, args.live, base_model=models.kontext
+    )
+    shown = {k: round(v, 5) for k, v in summary.items() if k.startswith(("probe", "total"))}
+    print(f"train: wrote {args.out} ({shown})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
