@@ -1,14 +1,17 @@
 """The ``regionroute`` console command (users' entry point outside DVC).
 
 Subcommands:
+  edit IMAGE       restyle one object of your own image with a trained model
+  ablations        write reports/ablations.md from `dvc exp show` (run in the repository)
   make-demo ROOT   write the synthetic COCO-format demo dataset (committed under data/demo)
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from regionroute.errors import exit_on_user_error
+from regionroute.errors import UserError, exit_on_user_error
 
 __all__ = ["main"]
 
@@ -16,6 +19,30 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regionroute", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    edit = sub.add_parser(
+        "edit",
+        help="restyle one object of an image with a trained RegionRoute model",
+        description="Restyle the named object of IMAGE (no mask needed), e.g. "
+        "regionroute edit photo.jpg --object dog --style pixel-art --model models/regionroute --out dog.png",
+    )
+    edit.add_argument("image", type=Path, help="input image (any format Pillow reads)")
+    edit.add_argument("--object", required=True, help="the object to restyle, as a word: dog, 'dining table'")
+    edit.add_argument("--style", required=True, help="a style the model has an expert for, e.g. pixel-art")
+    edit.add_argument("--model", type=Path, required=True, help="trained model directory (the train stage's output)")
+    edit.add_argument("--out", type=Path, required=True, help="output image path (.png recommended)")
+    edit.add_argument("--steps", type=int, default=None, help="denoising steps (default 28)")
+    edit.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    edit.add_argument("--attention-png", type=Path, default=None, help="also save the style-token attention figure")
+    edit.add_argument(
+        "--max-area",
+        type=int,
+        default=None,
+        help="resize larger inputs to at most this many pixels (default: the training area)",
+    )
+    edit.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    edit.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    abl = sub.add_parser("ablations", help="write the ablation table from the DVC experiments")
+    abl.add_argument("--out", type=Path, default=Path("reports/ablations.md"), help="output markdown file")
     demo = sub.add_parser("make-demo", help="write the synthetic COCO-format demo dataset")
     demo.add_argument("root", help="output directory, e.g. data/demo")
     demo.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
@@ -25,7 +52,30 @@ def _parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "make-demo":
+    if args.command == "edit":
+        from regionroute.edit import edit_image
+
+        if args.steps is not None and args.steps < 1:
+            raise UserError(f"--steps: must be >= 1, got {args.steps}")
+        out = edit_image(
+            args.image,
+            args.object,
+            args.style,
+            args.model,
+            args.out,
+            steps=args.steps,
+            seed=args.seed,
+            attention_png=args.attention_png,
+            max_area=args.max_area,
+            device=args.device,
+            dtype=args.dtype,
+        )
+        print(f"wrote {out}")
+    elif args.command == "ablations":
+        from regionroute.ablations import write_ablations
+
+        print(f"wrote {write_ablations(args.out)}")
+    elif args.command == "make-demo":
         from regionroute.data.demo import build_demo
 
         build_demo(args.root, seed=args.seed)

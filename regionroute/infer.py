@@ -1,0 +1,244 @@
+"""Stage ``infer``: edit the held-out pairs with each method, and record style-token attention.
+
+METHOD.md §6. Methods (one code path; the ablations are the same stage under
+``dvc exp run -S ...``):
+
+* ``kontext``: the base FLUX.1-Kontext (the paper's baseline);
+* ``regionroute``: the trained LoRA-MoE routed to the instruction's style. Pairs are
+  processed grouped by style, so by default the style's expert is merged into the base
+  weights once per group (``infer.merge_expert``): the denoising loop then costs exactly
+  the base model's;
+* ``oracle``: global stylization + composite with the ground-truth mask (the eval split's
+  pseudo-GT). It uses the mask, so it is a reference upper bound, not a rival.
+
+Every pair x style gets the instruction ``infer.instruction`` and a generator seeded by
+``seed + image_id`` (the same for every method: paired comparisons). For the two model
+methods the style-token attention maps (METHOD §3, ``infer.attention_direction``) at
+the denoising steps ``infer.attention_steps`` (paper: 5, 10, 15, 20, 25; Fig. 6) and
+their mean are saved per pair as ``attention/<id>.npz`` (``maps`` (S, h, w), ``mean``
+(h, w), ``steps`` (S,)), plus a figure ``figures/<id>.png`` (output | mean | per step).
+
+Output per method::
+
+    <out>/images/<id>.png   <out>/attention/<id>.npz   <out>/figures/<id>.png
+    <out>/manifest.jsonl    one line per pair x style (written last)
+
+Resumable like ``stylize``: finished pairs are skipped, a changed fingerprint restarts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io as _io
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from regionroute.config import InferConfig
+from regionroute.errors import DataError, UserError
+from regionroute.io import atomic_path, prepare_resumable_dir, read_image, read_jsonl, write_image, write_jsonl
+
+__all__ = ["METHODS", "Editor", "run_method", "save_attention_figure"]
+
+Method = Literal["kontext", "regionroute", "oracle"]
+METHODS: tuple[str, ...] = ("kontext", "regionroute", "oracle")
+
+
+class Editor:
+    """Edits images with a Kontext pipeline, optionally routed through a trained LoRA-MoE.
+
+    Built once per stage (or per ``regionroute edit`` call); ``edit`` handles one style per
+    call, merging that style's expert for the call when ``merge`` is set.
+    """
+
+    def __init__(self, pipe: Any, cfg: InferConfig, moe: Any = None, merge: bool = True) -> None:
+        from regionroute.flux.attention import StyleAttentionRecorder
+
+        self.pipe, self.cfg, self.moe, self.merge = pipe, cfg, moe, merge
+        self._merged: str | None = None  # the expert currently folded into the weights
+        self.recorder = StyleAttentionRecorder(direction=cfg.attention_direction, layers="all")
+        self.recorder.install(pipe.transformer)
+
+    def close(self) -> None:
+        """Unmerge the merged expert, if any (the base weights are exact again)."""
+        if self._merged is not None:
+            self.moe.unmerge()
+            self._merged = None
+
+    def edit(
+        self,
+        images: list[np.ndarray],
+        objects: list[str],
+        style: str,
+        seeds: list[int],
+        steps: int | None = None,
+        attention_steps: tuple[int, ...] | None = None,
+    ) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """Edit same-sized images toward ``style``; returns outputs and maps (B, S, h, w) or None.
+
+        ``steps`` overrides ``infer.steps`` (the CLI's ``--steps``); ``attention_steps``
+        defaults to the configured ones that fit in ``steps``.
+        """
+        from regionroute.flux.tokens import style_token_mask
+
+        steps = steps or self.cfg.steps
+        att_steps = tuple(s for s in (attention_steps or self.cfg.attention_steps) if s <= steps)
+        h, w = images[0].shape[:2]
+        if any(im.shape[:2] != (h, w) for im in images):
+            raise ValueError("Editor.edit needs images of one size")
+        prompts = [self.cfg.instruction.format(object=o, style=style) for o in objects]
+        L = self.cfg.max_sequence_length
+        style_mask = style_token_mask(self.pipe.tokenizer_2, prompts, [style] * len(prompts), L)
+        grid = (h // 16, w // 16)
+        if self.moe is not None:
+            if self.merge and self._merged != style:  # sticky: merged once per run of same-style batches
+                self.close()
+                self.moe.merge(style)
+                self._merged = style
+            elif not self.merge:
+                self.moe.route(style_ids=self.moe.style_ids([style] * len(images)))
+        device = self.pipe._execution_device
+        gen_device = "cpu" if device.type == "cpu" else device
+        with self.recorder.capture(style_mask=style_mask.to(device), n_text=L, n_target=grid[0] * grid[1]):
+            out = self.pipe(
+                image=[Image.fromarray(im) for im in images],
+                prompt=prompts,
+                height=h,
+                width=w,
+                max_area=h * w,
+                _auto_resize=False,
+                num_inference_steps=steps,
+                guidance_scale=self.cfg.guidance,
+                max_sequence_length=L,
+                generator=[torch.Generator(gen_device).manual_seed(s) for s in seeds],
+            ).images
+            maps = None
+            if att_steps:  # forward k-1 is denoising step k (no CFG: one forward per step)
+                maps = torch.stack([self.recorder.maps(forward=s - 1) for s in att_steps], dim=1)
+                maps = maps.view(len(images), len(att_steps), *grid).float().cpu().numpy()
+        return [np.asarray(o.convert("RGB").resize((w, h)), dtype=np.uint8) for o in out], maps
+
+
+def save_attention_figure(
+    path: Path, edited: np.ndarray, maps: np.ndarray, steps: tuple[int, ...], title: str = ""
+) -> None:
+    """Paper Fig. 6 layout: edited output | mean map | one map per denoising step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = 2 + len(steps)
+    fig, axes = plt.subplots(1, n, figsize=(1.8 * n, 2.1))
+    panels = [("output", edited, None), ("mean", maps.mean(0), "magma")]
+    panels += [(f"step {s}", m, "magma") for s, m in zip(steps, maps, strict=True)]
+    for ax, (label, img, cmap) in zip(axes, panels, strict=True):
+        ax.imshow(img, cmap=cmap, interpolation="nearest")
+        ax.set_title(label, fontsize=8)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+def _save_npz(path: Path, maps: np.ndarray, steps: tuple[int, ...]) -> None:
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
+        np.savez_compressed(
+            fh,
+            maps=maps.astype(np.float32),
+            mean=maps.mean(0).astype(np.float32),
+            steps=np.asarray(steps, dtype=np.int64),
+        )
+
+
+def _fingerprint(method: str, records: Path, cfg: InferConfig, base: str, model_dir: Path | None) -> dict[str, Any]:
+    digest = hashlib.sha256(records.read_bytes())
+    if model_dir is not None:
+        for f in sorted((model_dir / "moe").glob("*")):
+            digest.update(f.read_bytes())
+    return {"method": method, "infer": asdict(cfg), "base_model": base, "inputs_sha256": digest.hexdigest()}
+
+
+def run_method(
+    method: str,
+    records_path: Path,
+    out_dir: Path,
+    cfg: InferConfig,
+    editor: Editor | None = None,
+    base_model: str = "",
+    model_dir: Path | None = None,
+) -> int:
+    """Run one method over every eval record (pair x style); returns how many were generated now."""
+    if method not in METHODS:
+        raise UserError(f"--method: unknown method {method!r} (one of {', '.join(METHODS)})")
+    if method != "oracle" and editor is None:
+        raise ValueError(f"method {method} needs an Editor")
+    records = read_jsonl(records_path)
+    if not records:
+        raise DataError(f"{records_path}: no evaluation records")
+    root = records_path.parent
+    model_dir = model_dir if method == "regionroute" else None  # only regionroute depends on the experts
+    out_dir = prepare_resumable_dir(out_dir, _fingerprint(method, records_path, cfg, base_model, model_dir))
+    (out_dir / "manifest.jsonl").unlink(missing_ok=True)
+    todo = [r for r in records if not (out_dir / "images" / f"{r['id']}.png").is_file()]
+    att_steps = tuple(cfg.attention_steps)
+    with tqdm(total=len(records), initial=len(records) - len(todo), desc=f"infer {method}", unit="img") as bar:
+        for style in sorted({r["style"] for r in todo}):
+            group = [r for r in todo if r["style"] == style]
+            for start in range(0, len(group), cfg.batch_size):
+                batch = group[start : start + cfg.batch_size]
+                if method == "oracle":  # the pseudo-GT of the eval split is exactly global stylization + GT mask
+                    for r in batch:
+                        write_image(out_dir / "images" / f"{r['id']}.png", read_image(root / r["pseudo_gt"]))
+                    bar.update(len(batch))
+                    continue
+                images = [read_image(root / r["original"]) for r in batch]
+                seeds = [cfg.seed + int(r["image_id"]) for r in batch]
+                outs, maps = editor.edit(images, [r["object"] for r in batch], style, seeds)
+                for i, r in enumerate(batch):
+                    if maps is not None:
+                        _save_npz(out_dir / "attention" / f"{r['id']}.npz", maps[i], att_steps)
+                        if cfg.figures:
+                            save_attention_figure(
+                                out_dir / "figures" / f"{r['id']}.png",
+                                outs[i],
+                                maps[i],
+                                att_steps,
+                                title=f"{method}: {cfg.instruction.format(object=r['object'], style=style)}",
+                            )
+                    write_image(out_dir / "images" / f"{r['id']}.png", outs[i])  # last: marks the pair done
+                bar.update(len(batch))
+    if editor is not None:
+        editor.close()
+    has_maps = method != "oracle" and bool(att_steps)
+    write_jsonl(
+        out_dir / "manifest.jsonl",
+        (
+            {
+                "id": r["id"],
+                "sample_id": r["sample_id"],
+                "image_id": r["image_id"],
+                "style": r["style"],
+                "object": r["object"],
+                "method": method,
+                "seed": cfg.seed + int(r["image_id"]),
+                "instruction": cfg.instruction.format(object=r["object"], style=r["style"]),
+                "image": f"images/{r['id']}.png",
+                "attention": f"attention/{r['id']}.npz" if has_maps else None,
+                "area": r["area"],
+                "area_frac": r["area_frac"],
+            }
+            for r in records
+        ),
+    )
+    return len(todo)

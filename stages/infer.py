@@ -1,0 +1,49 @@
+"""DVC stage ``infer``: one method (kontext, regionroute, oracle) on the eval pairs (regionroute.infer)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from regionroute.config import InferConfig, ModelsConfig, load_section
+from regionroute.errors import exit_on_user_error
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument("--method", required=True, help="kontext | regionroute | oracle")
+    p.add_argument("--records", type=Path, required=True, help="composite stage records.jsonl (eval split)")
+    p.add_argument("--model", type=Path, default=None, help="trained model directory (regionroute only)")
+    p.add_argument("--out", type=Path, required=True, help="output directory for this method")
+    return p
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    models = load_section(args.params, "models", ModelsConfig)
+    cfg = load_section(args.params, "infer", InferConfig)
+    from regionroute.infer import METHODS, Editor, run_method
+
+    editor = None
+    if args.method in METHODS and args.method != "oracle":
+        from regionroute.models.kontext import load_kontext
+
+        pipe = load_kontext(models)
+        moe = None
+        if args.method == "regionroute":
+            from regionroute.errors import UserError
+            from regionroute.lora_moe import load_moe
+
+            if args.model is None:
+                raise UserError("--model: the regionroute method needs the trained model directory")
+            moe = load_moe(pipe.transformer, args.model / "moe")
+        editor = Editor(pipe, cfg, moe=moe, merge=cfg.merge_expert)
+    n = run_method(args.method, args.records, args.out, cfg, editor, base_model=models.kontext, model_dir=args.model)
+    print(f"infer {args.method}: generated {n} images in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

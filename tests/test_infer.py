@@ -1,0 +1,150 @@
+"""Stage ``infer`` (kontext / regionroute / oracle) and the ``regionroute edit`` command."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from regionroute import cli
+from regionroute.config import InferConfig, ModelsConfig
+from regionroute.infer import Editor, run_method
+from regionroute.io import read_image, read_jsonl, read_mask, write_image, write_json, write_jsonl, write_mask
+from regionroute.lora_moe import LoraConfig, inject_lora_moe, save_moe
+from regionroute.models.kontext import load_kontext
+from tests.conftest import run_stage
+
+STYLES = ("pixel-art", "line-art")
+CFG = InferConfig(steps=5, max_sequence_length=32, batch_size=2, attention_steps=(1, 2, 3, 4, 5))
+
+
+@pytest.fixture(scope="module")
+def eval_records(tmp_path_factory) -> Path:
+    """Two samples x two styles; 128 px originals, masks, and pseudo-GT (= stylized inside the mask)."""
+    root = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(2):
+        original = rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)
+        mask = np.zeros((128, 128), bool)
+        mask[20:70, 30:90] = True
+        write_image(root / f"o{i}.png", original)
+        write_mask(root / f"m{i}.png", mask)
+        for style in STYLES:
+            pgt = original.copy()
+            pgt[mask] = 255 - pgt[mask]
+            write_image(root / f"p{i}_{style}.png", pgt)
+            rows.append({"id": f"{i:03d}_{style}", "sample_id": f"{i:03d}", "image_id": i, "style": style,
+                         "object": "dog", "original": f"o{i}.png", "mask": f"m{i}.png",
+                         "pseudo_gt": f"p{i}_{style}.png", "area": 3000.0, "area_frac": 0.18})  # fmt: skip
+    write_jsonl(root / "records.jsonl", rows)
+    return root / "records.jsonl"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A 'trained' model: experts with nonzero B (so regionroute differs from kontext)."""
+    import torch
+
+    out = tmp_path_factory.mktemp("model")
+    pipe = load_kontext(ModelsConfig(kontext="tiny", dtype="float32", device="cpu"))
+    moe = inject_lora_moe(pipe.transformer, LoraConfig(), STYLES)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in moe.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    save_moe(moe, out / "moe")
+    write_json(out / "regionroute.json", {"base_model": "tiny", "styles": list(STYLES),
+                                          "train": {"max_sequence_length": 32}, "latent_hw": [16, 16]})  # fmt: skip
+    return out
+
+
+def _editor(model_dir: Path | None = None, merge: bool = True) -> Editor:
+    from regionroute.lora_moe import load_moe
+
+    pipe = load_kontext(ModelsConfig(kontext="tiny", dtype="float32", device="cpu"))
+    moe = load_moe(pipe.transformer, model_dir / "moe") if model_dir else None
+    return Editor(pipe, CFG, moe=moe, merge=merge)
+
+
+def test_each_method_writes_one_image_per_pair_and_style(eval_records, model_dir, tmp_path):
+    outs = {}
+    for method, editor in (("kontext", _editor()), ("regionroute", _editor(model_dir)), ("oracle", None)):
+        n = run_method(method, eval_records, tmp_path / method, CFG, editor, model_dir=model_dir)
+        rows = read_jsonl(tmp_path / method / "manifest.jsonl")
+        assert n == 4 and len(rows) == 4 and {r["style"] for r in rows} == set(STYLES)
+        for r in rows:
+            assert read_image(tmp_path / method / r["image"]).shape == (128, 128, 3)
+            if method != "oracle":
+                with np.load(tmp_path / method / r["attention"]) as z:
+                    assert z["maps"].shape == (5, 8, 8) and list(z["steps"]) == [1, 2, 3, 4, 5]
+                    np.testing.assert_allclose(z["mean"], z["maps"].mean(0), rtol=1e-6)
+                    assert np.all(z["maps"] >= 0) and np.isfinite(z["maps"]).all()
+                assert (tmp_path / method / "figures" / f"{r['id']}.png").is_file()
+        outs[method] = {r["id"]: read_image(tmp_path / method / r["image"]) for r in rows}
+    root = eval_records.parent
+    for r in read_jsonl(eval_records):  # the oracle keeps the background exactly
+        mask, original = read_mask(root / r["mask"]), read_image(root / r["original"])
+        np.testing.assert_array_equal(outs["oracle"][r["id"]][~mask], original[~mask])
+    assert any(not np.array_equal(outs["kontext"][k], outs["regionroute"][k]) for k in outs["kontext"])
+    # resumable: a second run generates nothing
+    assert run_method("oracle", eval_records, tmp_path / "oracle", CFG) == 0
+
+
+def test_merged_and_routed_experts_give_the_same_edit(eval_records, model_dir):
+    root = eval_records.parent
+    image = read_image(root / "o0.png")
+    merged, m_maps = _editor(model_dir, merge=True).edit([image], ["dog"], "line-art", [3])
+    routed, r_maps = _editor(model_dir, merge=False).edit([image], ["dog"], "line-art", [3])
+    assert np.abs(merged[0].astype(int) - routed[0]).max() <= 2
+    np.testing.assert_allclose(m_maps, r_maps, rtol=1e-3, atol=1e-5)
+
+
+def test_edit_command_end_to_end(model_dir, eval_records, tmp_path, capsys):
+    image = eval_records.parent / "o0.png"
+    out = tmp_path / "out.png"
+    argv = ["edit", str(image), "--object", "dog", "--style", "pixel-art", "--model", str(model_dir), "--out",
+            str(out), "--steps", "3", "--attention-png", str(tmp_path / "att.png")]  # fmt: skip
+    code, err = run_stage(cli.main, argv, capsys)
+    assert code == 0, err
+    assert read_image(out).shape == (128, 128, 3) and (tmp_path / "att.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"image": "missing.png"}, "missing.png: image file not found"),
+        ({"image": "corrupt.png"}, "corrupt.png: cannot read image"),
+        ({"--style": "watercolor"}, "available: pixel-art, line-art"),
+        ({"--model": "no_such_dir"}, "--model: "),
+        ({"--object": "dog " * 40}, "--object: cannot place"),
+    ],
+)
+def test_edit_command_errors_are_one_line(model_dir, eval_records, tmp_path, capsys, change, needle):
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG garbage")
+    args = {"image": str(eval_records.parent / "o0.png"), "--object": "dog", "--style": "pixel-art",
+            "--model": str(model_dir)}  # fmt: skip
+    args |= {k: (str(tmp_path / v) if k in ("image", "--model") else v) for k, v in change.items()}
+    argv = ["edit", args["image"], "--out", str(tmp_path / "o.png"), "--steps", "2"]
+    for k in ("--object", "--style", "--model"):
+        argv += [k, args[k]]
+    code, err = run_stage(cli.main, argv, capsys)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_unknown_method_is_one_line(eval_records, tmp_path, capsys):
+    from stages import infer
+
+    code, err = run_stage(infer.main, ["--method", "sdedit", "--records", str(eval_records), "--out",
+                                       str(tmp_path / "x")], capsys)  # fmt: skip
+    assert code == 2 and "unknown method 'sdedit'" in err
+
+
+def test_attention_steps_beyond_steps_is_a_config_error():
+    from regionroute.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"infer\.attention_steps: step 30 is outside"):
+        dataclasses.replace(CFG, attention_steps=(30,))
