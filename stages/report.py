@@ -1,0 +1,46 @@
+"""DVC stage ``report``: reports/results.md and figures from the score files (regionroute.report)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from regionroute.config import ModelsConfig, ScoreConfig, load_section
+from regionroute.errors import exit_on_user_error
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument("--metrics", type=Path, required=True, help="per-method means (score stage JSON)")
+    p.add_argument("--by-size", type=Path, required=True, help="size-stratified means (score stage CSV)")
+    p.add_argument("--records", type=Path, required=True, help="composite stage records.jsonl (eval split)")
+    p.add_argument(
+        "--method",
+        nargs=2,
+        action="append",
+        metavar=("NAME", "DIR"),
+        required=True,
+        help="a method's infer output directory (repeat per method)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="report directory (results.md, figures/)")
+    return p
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    models = load_section(args.params, "models", ModelsConfig)
+    score = load_section(args.params, "score", ScoreConfig)
+    from regionroute.report import write_report
+
+    tiny = "tiny" in (models.kontext, score.clip, score.lpips, score.vlm)
+    md = write_report(
+        args.out, args.metrics, args.by_size, args.records, {name: Path(d) for name, d in args.method}, tiny=tiny
+    )
+    print(f"report: wrote {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
