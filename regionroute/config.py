@@ -25,14 +25,19 @@ __all__ = [
     "PAPER_STYLES",
     "CompositeConfig",
     "DataConfig",
+    "InferConfig",
+    "LossConfig",
     "ModelsConfig",
     "Params",
     "SampleConfig",
+    "ScoreConfig",
     "SplitConfig",
     "StylizeConfig",
+    "TrainConfig",
     "load_params",
     "load_section",
     "read_params_file",
+    "section_class",
 ]
 
 #: The paper's four styles, spelled as the public code spells them.
@@ -189,14 +194,162 @@ class CompositeConfig(_Section):
                 self._fail("instruction", f"must contain '{key}', got {self.instruction!r}")
 
 
-#: Section name -> dataclass. Later stages register theirs here.
-SECTIONS: dict[str, type] = {
+@dataclass(frozen=True)
+class LossConfig(_Section):
+    """``loss:`` attention supervision (METHOD.md §3-4); a weight of 0 disables a term (ablations)."""
+
+    _section: typing.ClassVar[str] = "loss"
+    focus_weight: float = 0.1
+    cover_weight: float = 5e-5
+    direction: Literal["text_to_image", "image_to_text"] = "text_to_image"
+    normalize: Literal["all", "style_tokens"] = "all"
+    layers: Literal["all", "double", "single"] = "all"
+    focus_distribution: Literal["normalize", "softmax"] = "normalize"
+    tau: float = 0.1
+    cover_map: Literal["minmax", "official_logits"] = "minmax"
+    alpha: float = 2.0
+
+    def _validate(self) -> None:
+        for key in ("focus_weight", "cover_weight"):
+            if getattr(self, key) < 0:
+                self._fail(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.tau <= 0:
+            self._fail("tau", f"must be > 0, got {self.tau}")
+        if self.normalize == "style_tokens" and self.direction != "image_to_text":
+            self._fail("normalize", "'style_tokens' exists only for direction image_to_text (the public code's)")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    """``train:`` the training loop (METHOD.md §2; paper column = public code's settings)."""
+
+    _section: typing.ClassVar[str] = "train"
+    steps: int = 10000
+    learning_rate: float = 1e-5
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
+    lr_warmup_steps: int = 0
+    batch_size: int = 2
+    gradient_accumulation: int = 4
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    gradient_checkpointing: bool = True
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    weighting_scheme: Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"] = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance: float = 1.0
+    max_sequence_length: int = 77
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+
+    def _validate(self) -> None:
+        for key in (
+            "steps",
+            "batch_size",
+            "gradient_accumulation",
+            "max_sequence_length",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+        ):
+            if getattr(self, key) < 1:
+                self._fail(key, f"must be >= 1, got {getattr(self, key)}")
+        if not 0 < self.learning_rate < 1:
+            self._fail("learning_rate", f"must be in (0, 1), got {self.learning_rate}")
+        if self.lr_warmup_steps < 0:
+            self._fail("lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps}")
+        if self.max_sequence_length > 512:
+            self._fail("max_sequence_length", f"must be <= 512 (T5), got {self.max_sequence_length}")
+        if self.max_grad_norm <= 0:
+            self._fail("max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+
+
+@dataclass(frozen=True)
+class InferConfig(_Section):
+    """``infer:`` editing the held-out pairs (METHOD.md §6; defaults = public code)."""
+
+    _section: typing.ClassVar[str] = "infer"
+    instruction: str = "make the {object} into {style} style"
+    steps: int = 28
+    guidance: float = 3.5
+    max_sequence_length: int = 512
+    batch_size: int = 1
+    seed: int = 0
+    attention_steps: tuple[int, ...] = (5, 10, 15, 20, 25)
+    attention_direction: Literal["text_to_image", "image_to_text"] = "text_to_image"
+    merge_expert: bool = True
+    figures: bool = True
+
+    def _validate(self) -> None:
+        for key in ("{object}", "{style}"):
+            if key not in self.instruction:
+                self._fail("instruction", f"must contain '{key}', got {self.instruction!r}")
+        for key in ("steps", "batch_size", "max_sequence_length"):
+            if getattr(self, key) < 1:
+                self._fail(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.max_sequence_length > 512:
+            self._fail("max_sequence_length", f"must be <= 512 (T5), got {self.max_sequence_length}")
+        bad = [s for s in self.attention_steps if not 1 <= s <= self.steps]
+        if bad:
+            self._fail("attention_steps", f"step {bad[0]} is outside 1..infer.steps ({self.steps})")
+
+
+@dataclass(frozen=True)
+class ScoreConfig(_Section):
+    """``score:`` evaluation models and options (METHOD.md §7)."""
+
+    _section: typing.ClassVar[str] = "score"
+    clip: str = "ViT-L-14/openai"  # open_clip "arch/pretrained", a local checkpoint, or "tiny"
+    lpips: str = "alex"  # alex | vgg | squeeze | tiny
+    vlm: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # hub id, local directory, or "tiny"
+    vlm_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    vlm_max_pixels: int = 1024 * 28 * 28
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    template: str = "an image in {style} style"
+    dilate: int = 5
+    batch_size: int = 16
+    vlm_batch_size: int = 4
+    seed: int = 0
+
+    def _validate(self) -> None:
+        if "{style}" not in self.template:
+            self._fail("template", f"must contain '{{style}}', got {self.template!r}")
+        for key in ("batch_size", "vlm_batch_size", "vlm_max_pixels"):
+            if getattr(self, key) < 1:
+                self._fail(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.dilate < 0:
+            self._fail("dilate", f"must be >= 0, got {self.dilate}")
+
+
+def _lora_config() -> type:
+    from regionroute.lora_moe.config import LoraConfig  # imports this module: resolve lazily
+
+    return LoraConfig
+
+
+#: Section name -> dataclass (or a zero-argument function returning it, to avoid import cycles).
+SECTIONS: dict[str, typing.Any] = {
     "models": ModelsConfig,
     "data": DataConfig,
     "sample": SampleConfig,
     "stylize": StylizeConfig,
     "composite": CompositeConfig,
+    "lora": _lora_config,
+    "loss": LossConfig,
+    "train": TrainConfig,
+    "infer": InferConfig,
+    "score": ScoreConfig,
 }
+
+
+def section_class(name: str) -> type:
+    """The dataclass of a params section."""
+    cls = SECTIONS[name]
+    return cls if isinstance(cls, type) else cls()
 
 
 @dataclass(frozen=True)
@@ -208,6 +361,11 @@ class Params:
     sample: SampleConfig
     stylize: StylizeConfig
     composite: CompositeConfig
+    lora: typing.Any  # regionroute.lora_moe.config.LoraConfig
+    loss: LossConfig
+    train: TrainConfig
+    infer: InferConfig
+    score: ScoreConfig
 
 
 T = TypeVar("T")
@@ -302,7 +460,7 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
 
 def load_section(path: str | Path, name: str, cls: type[T] | None = None) -> T:
     """Load and validate one section of a params file into its dataclass."""
-    cls = cls or SECTIONS[name]  # type: ignore[assignment]
+    cls = cls or section_class(name)  # type: ignore[assignment]
     raw = read_params_file(path)
     if name not in raw:
         raise ConfigError(f"{path}: section '{name}' is missing")

@@ -1,7 +1,10 @@
-"""End to end: ``dvc repro`` of the demo pipeline in a temporary git clone of this repo.
+"""End to end: ``dvc repro`` of the whole demo pipeline in a temporary git clone of this repo.
 
-Tests the committed HEAD (what CI and a newcomer get). Slow (a few minutes on 2 cores)
-but part of the default run.
+Tests the committed HEAD (what CI and a newcomer get), with the demo made smaller (2
+styles, fewer pairs and steps) so it runs in a couple of minutes on 2 cores. Covers:
+a cold ``dvc repro``; a second one doing nothing; a composite-only param re-running only
+``composite`` (``dvc repro composite``); ``dvc exp run -S`` on a sample param and on an
+ablation (which must not re-run the baselines); ``dvc metrics diff``; the ablation table.
 """
 
 from __future__ import annotations
@@ -15,9 +18,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from regionroute.io import read_jsonl
+from regionroute.io import read_json, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
+SMALL = {
+    ("data", "styles"): ["pixel-art", "line-art"],
+    ("data", "splits"): {"train": {"coco": "train", "num": 6}, "eval": {"coco": "val", "num": 3}},
+    ("train", "steps"): 6,
+    ("train", "checkpoint_every"): 3,
+    ("infer", "steps"): 5,
+    ("infer", "attention_steps"): [1, 2, 3, 4, 5],
+}
 
 
 def _run(args: list[str], cwd: Path) -> str:
@@ -31,33 +42,52 @@ def _ran(log: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", log))
 
 
+def _edit_params(repo: Path, changes: dict[tuple[str, str], object]) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for (section, key), value in changes.items():
+        params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 @pytest.mark.slow
-def test_dvc_repro_on_the_demo_in_a_fresh_clone(tmp_path):
+def test_dvc_pipeline_on_the_demo_in_a_fresh_clone(tmp_path):
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     repo = tmp_path / "repo"
     _run(["git", "clone", "-q", str(ROOT), str(repo)], tmp_path)
     _run(["git", "config", "user.email", "test@example.com"], repo)  # dvc exp run commits
     _run(["git", "config", "user.name", "test"], repo)
-    styles = yaml.safe_load((repo / "params.yaml").read_text())["data"]["styles"]
+    _edit_params(repo, SMALL)
+    _run(["git", "commit", "-qam", "smaller demo"], repo)
 
     log = _run(["dvc", "repro"], repo)
-    assert {"sample@train", "sample@eval", "composite"} | {f"stylize@{s}" for s in styles} <= _ran(log)
-    records = read_jsonl(repo / "data" / "pseudo_gt" / "train" / "records.jsonl")
-    num = yaml.safe_load((repo / "params.yaml").read_text())["data"]["splits"]["train"]["num"]
-    assert len(records) == num * len(styles)
+    stages = {"sample@train", "sample@eval", "stylize@pixel-art", "stylize@line-art", "composite", "train",
+              "infer@kontext", "infer@regionroute", "infer@oracle", "score", "report"}  # fmt: skip
+    assert _ran(log) == stages
+    assert len(read_jsonl(repo / "data" / "pseudo_gt" / "train" / "records.jsonl")) == 6 * 2
+    metrics = read_json(repo / "metrics" / "score.json")
+    assert set(metrics) == {"kontext", "regionroute", "oracle"} and metrics["oracle"]["mse_bg"] == 0
+    assert "Demo numbers" in (repo / "reports" / "results" / "results.md").read_text()
+    assert (repo / "dvclive" / "train" / "metrics.json").is_file()
 
     assert _ran(_run(["dvc", "repro"], repo)) == set()  # cached: nothing re-runs
 
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["composite"]["method"] = "alpha"
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_run(["dvc", "repro"], repo)) == {"composite"}  # a composite-only param
+    _edit_params(repo, {("composite", "method"): "alpha"})
+    assert _ran(_run(["dvc", "repro", "composite"], repo)) == {"composite"}  # a composite-only param
     methods = {r["composite_method"] for r in read_jsonl(repo / "data" / "pseudo_gt" / "train" / "records.jsonl")}
     assert methods <= {"alpha", "empty"}
-    _run(["git", "checkout", "--", "params.yaml"], repo)
+    _run(["git", "checkout", "--", "params.yaml", "dvc.lock"], repo)
+    _run(["dvc", "checkout"], repo)
 
-    log = _run(["dvc", "exp", "run", "-S", "data.splits.eval.num=4"], repo)
-    assert "sample@eval" in _ran(log) and "sample@train" not in _ran(log)
-    shown = _run(["dvc", "exp", "show", "--no-pager", "--csv"], repo)
-    assert "data.splits.eval.num" in shown
+    # an ablation: only the trained model and what depends on it re-run, never the baselines
+    log = _run(["dvc", "exp", "run", "-S", "loss.cover_weight=0"], repo)
+    assert _ran(log) == {"train", "infer@regionroute", "score", "report"}
+    diff = _run(["dvc", "metrics", "diff", "HEAD"], repo)
+    assert "regionroute" in diff
+    _run(["regionroute", "ablations", "--out", "reports/ablations.md"], repo)
+    table = (repo / "reports" / "ablations.md").read_text()
+    assert "loss.cover_weight" in table and "RSM text" in table
+
+    # a sample param as an experiment
+    log = _run(["dvc", "exp", "run", "-S", "data.splits.eval.num=2"], repo)
+    assert "sample@eval" in _ran(log) and "sample@train" not in _ran(log) and "train" not in _ran(log)
