@@ -71,6 +71,8 @@ def test_dvc_pipeline_on_the_demo_in_a_fresh_clone(tmp_path):
     assert (repo / "dvclive" / "train" / "metrics.json").is_file()
 
     assert _ran(_run(["dvc", "repro"], repo)) == set()  # cached: nothing re-runs
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "demo run"], repo)  # dvc.lock + metrics, as a user would
 
     _edit_params(repo, {("composite", "method"): "alpha"})
     assert _ran(_run(["dvc", "repro", "composite"], repo)) == {"composite"}  # a composite-only param
