@@ -18,6 +18,15 @@ L, GH, GW = 8, 3, 4  # text tokens, target token grid
 N = GH * GW
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Toy tensors: a second intra-op thread only adds waits on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_transformer(seed: int = 0) -> FluxTransformer2DModel:
     torch.manual_seed(seed)
     return FluxTransformer2DModel(
