@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 
 from regionroute.errors import ConfigError
 
@@ -450,9 +450,11 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: malformed YAML ({str(exc).splitlines()[0]})") from None
+        # YAML 1.2, as DVC reads and writes params.yaml (``dvc exp run -S`` rewrites it with
+        # ruamel): under PyYAML's YAML 1.1 an unquoted ``no`` would become False.
+        raw = YAML(typ="safe", pure=True).load(path.read_text())
+    except YAMLError as exc:
+        raise ConfigError(f"{path}: malformed YAML ({str(exc).strip().splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at top level")
     return raw
