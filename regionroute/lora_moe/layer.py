@@ -78,6 +78,7 @@ class MoELoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(num_experts, out_f, rank, device=device, dtype=dtype))
         self.merged_expert: int | None = None
         self._unmerged_weight: torch.Tensor | None = None
+        self._backup: torch.Tensor | None = None  # CPU buffer holding the unmerged weight while merged
         self.reset_parameters(init)
 
     @property
@@ -155,14 +156,22 @@ class MoELoraLinear(nn.Module):
         """Fold one expert into the base weight; the routed branch is skipped until unmerge.
 
         ``exact`` keeps a copy of the original weight so :meth:`unmerge` restores it
-        bit for bit (subtracting the delta again would round, notably in bf16).
+        bit for bit (subtracting the delta again would round, notably in bf16); the copy
+        lives in CPU memory, so merging adds nothing to an accelerator's memory.
         """
         if self.merged_expert is not None:
             raise RuntimeError(f"expert {self.merged_expert} is already merged; unmerge first")
         w = self.base_layer.weight
-        if exact:
-            self._unmerged_weight = w.detach().clone()
-        w.copy_((w.float() + self.delta_weight(expert).float()).to(w.dtype))
+        if exact:  # the buffer is reused across merges: no fresh allocation (page faults) per merge
+            if self._backup is None or self._backup.shape != w.shape or self._backup.dtype != w.dtype:
+                self._backup = torch.empty(w.shape, dtype=w.dtype, device="cpu")
+            self._backup.copy_(w)
+            self._unmerged_weight = self._backup
+        a, b = self.lora_A[expert], self.lora_B[expert]  # (r, in), (out, r)
+        if w.dtype == a.dtype and w.device == a.device:
+            w.addmm_(b, a, alpha=self.scaling)  # in place, no (out, in) temporaries
+        else:  # e.g. bf16 base, fp32 experts: add in fp32, round once
+            w.copy_(torch.addmm(w.float(), b.float(), a.float(), alpha=self.scaling).to(w.dtype))
         self.merged_expert = expert
 
     @torch.no_grad()
@@ -172,7 +181,7 @@ class MoELoraLinear(nn.Module):
             return
         w = self.base_layer.weight
         if self._unmerged_weight is not None:
-            w.copy_(self._unmerged_weight)
+            w.copy_(self._unmerged_weight.to(w.device))
         else:
             w.copy_((w.float() - self.delta_weight(self.merged_expert).float()).to(w.dtype))
         self._unmerged_weight = None
