@@ -67,6 +67,11 @@ class _Section:
     def _validate(self) -> None:  # pragma: no cover - overridden
         pass
 
+    def _at_least(self, minimum: float, *keys: str) -> None:
+        for key in keys:
+            if getattr(self, key) < minimum:
+                self._fail(key, f"must be >= {minimum}, got {getattr(self, key)}")
+
     def __post_init__(self) -> None:
         self._validate()
 
@@ -210,9 +215,7 @@ class LossConfig(_Section):
     alpha: float = 2.0
 
     def _validate(self) -> None:
-        for key in ("focus_weight", "cover_weight"):
-            if getattr(self, key) < 0:
-                self._fail(key, f"must be >= 0, got {getattr(self, key)}")
+        self._at_least(0, "focus_weight", "cover_weight")
         if self.tau <= 0:
             self._fail("tau", f"must be > 0, got {self.tau}")
         if self.normalize == "style_tokens" and self.direction != "image_to_text":
@@ -247,7 +250,8 @@ class TrainConfig(_Section):
     log_every: int = 10
 
     def _validate(self) -> None:
-        for key in (
+        self._at_least(
+            1,
             "steps",
             "batch_size",
             "gradient_accumulation",
@@ -255,9 +259,7 @@ class TrainConfig(_Section):
             "checkpoint_every",
             "keep_checkpoints",
             "log_every",
-        ):
-            if getattr(self, key) < 1:
-                self._fail(key, f"must be >= 1, got {getattr(self, key)}")
+        )
         if not 0 < self.learning_rate < 1:
             self._fail("learning_rate", f"must be in (0, 1), got {self.learning_rate}")
         if self.lr_warmup_steps < 0:
@@ -288,9 +290,7 @@ class InferConfig(_Section):
         for key in ("{object}", "{style}"):
             if key not in self.instruction:
                 self._fail("instruction", f"must contain '{key}', got {self.instruction!r}")
-        for key in ("steps", "batch_size", "max_sequence_length"):
-            if getattr(self, key) < 1:
-                self._fail(key, f"must be >= 1, got {getattr(self, key)}")
+        self._at_least(1, "steps", "batch_size", "max_sequence_length")
         if self.max_sequence_length > 512:
             self._fail("max_sequence_length", f"must be <= 512 (T5), got {self.max_sequence_length}")
         bad = [s for s in self.attention_steps if not 1 <= s <= self.steps]
@@ -318,9 +318,7 @@ class ScoreConfig(_Section):
     def _validate(self) -> None:
         if "{style}" not in self.template:
             self._fail("template", f"must contain '{{style}}', got {self.template!r}")
-        for key in ("batch_size", "vlm_batch_size", "vlm_max_pixels"):
-            if getattr(self, key) < 1:
-                self._fail(key, f"must be >= 1, got {getattr(self, key)}")
+        self._at_least(1, "batch_size", "vlm_batch_size", "vlm_max_pixels")
         if self.dilate < 0:
             self._fail("dilate", f"must be >= 0, got {self.dilate}")
 

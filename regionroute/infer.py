@@ -36,7 +36,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from regionroute.config import InferConfig
@@ -84,6 +83,7 @@ class Editor:
         ``steps`` overrides ``infer.steps`` (the CLI's ``--steps``); ``attention_steps``
         defaults to the configured ones that fit in ``steps``.
         """
+        from regionroute.flux.pipeline import kontext_edit
         from regionroute.flux.tokens import style_token_mask
 
         steps = steps or self.cfg.steps
@@ -103,25 +103,13 @@ class Editor:
             elif not self.merge:
                 self.moe.route(style_ids=self.moe.style_ids([style] * len(images)))
         device = self.pipe._execution_device
-        gen_device = "cpu" if device.type == "cpu" else device
         with self.recorder.capture(style_mask=style_mask.to(device), n_text=L, n_target=grid[0] * grid[1]):
-            out = self.pipe(
-                image=[Image.fromarray(im) for im in images],
-                prompt=prompts,
-                height=h,
-                width=w,
-                max_area=h * w,
-                _auto_resize=False,
-                num_inference_steps=steps,
-                guidance_scale=self.cfg.guidance,
-                max_sequence_length=L,
-                generator=[torch.Generator(gen_device).manual_seed(s) for s in seeds],
-            ).images
+            outs = kontext_edit(self.pipe, images, prompts, seeds, steps, self.cfg.guidance, L)
             maps = None
             if att_steps:  # forward k-1 is denoising step k (no CFG: one forward per step)
                 maps = torch.stack([self.recorder.maps(forward=s - 1) for s in att_steps], dim=1)
                 maps = maps.view(len(images), len(att_steps), *grid).float().cpu().numpy()
-        return [np.asarray(o.convert("RGB").resize((w, h)), dtype=np.uint8) for o in out], maps
+        return outs, maps
 
 
 def save_attention_figure(

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from regionroute.config import ModelsConfig, StylizeConfig
@@ -47,31 +46,10 @@ def fingerprint(cfg: StylizeConfig, models: ModelsConfig, style: str, manifest: 
 def stylize_batch(
     pipe: FluxKontextPipeline, images: list[np.ndarray], prompts: list[str], seeds: list[int], cfg: StylizeConfig
 ) -> list[np.ndarray]:
-    """Edit a batch of same-sized images; returns uint8 RGB arrays of the input size.
+    """Edit a batch of same-sized images at their own size (see :func:`regionroute.flux.pipeline.kontext_edit`)."""
+    from regionroute.flux.pipeline import kontext_edit
 
-    ``max_area`` is the input's own area and ``_auto_resize`` is off, so the pipeline
-    neither rescales to 1024^2 nor snaps to Kontext's preferred resolutions.
-    """
-    import torch
-
-    h, w = images[0].shape[:2]
-    if any(im.shape[:2] != (h, w) for im in images):
-        raise ValueError("stylize_batch needs images of one size")
-    device = pipe._execution_device
-    gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-    out = pipe(
-        image=[Image.fromarray(im) for im in images],
-        prompt=prompts,
-        height=h,
-        width=w,
-        max_area=h * w,
-        _auto_resize=False,
-        num_inference_steps=cfg.steps,
-        guidance_scale=cfg.guidance,
-        max_sequence_length=cfg.max_sequence_length,
-        generator=gens if device.type == "cpu" else [torch.Generator(device).manual_seed(s) for s in seeds],
-    ).images
-    return [np.asarray(o.convert("RGB").resize((w, h)), dtype=np.uint8) for o in out]
+    return kontext_edit(pipe, images, prompts, seeds, cfg.steps, cfg.guidance, cfg.max_sequence_length)
 
 
 def stylize_splits(
