@@ -352,7 +352,7 @@ def train(
             if not torch.isfinite(terms["total"]):
                 good = _checkpoints(ckpt_dir)
                 where = f"last good checkpoint: {good[-1]}" if good else "no checkpoint was written yet"
-                values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
                 raise TrainingError(f"non-finite loss at step {step + 1} ({values}); stopped, {where}")
             accelerator.backward(terms["total"] / cfg.gradient_accumulation)
             for k, v in terms.items():
