@@ -62,7 +62,10 @@ class TrainCache:
     mask_grid: torch.Tensor  # (B, h, w) soft (area-averaged) mask on the token grid
     style_ids: torch.Tensor  # (B,) int64 expert index
     latent_hw: tuple[int, int]  # unpacked latent (H/8, W/8)
-    n_records: int = 0
+
+    @property
+    def n_records(self) -> int:
+        return self.x0.shape[0]
 
 
 def encode_dataset(
@@ -113,7 +116,6 @@ def encode_dataset(
         mask_grid=torch.cat(out["mask"]),
         style_ids=torch.tensor([styles.index(r["style"]) for r in records]),
         latent_hw=latent_hw,
-        n_records=len(records),
     )
 
 

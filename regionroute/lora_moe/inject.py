@@ -31,6 +31,7 @@ from regionroute.errors import UserError
 from regionroute.lora_moe.config import LoraConfig
 from regionroute.lora_moe.layer import MoELoraLinear, RoutingContext
 from regionroute.lora_moe.router import LearnedRouter, balance_loss, one_hot_gates, validate_expert_ids
+from regionroute.models import DTYPES
 
 __all__ = ["STREAMS", "LoraMoE", "find_targets", "inject_lora_moe"]
 
@@ -40,7 +41,6 @@ STREAMS: dict[str, tuple[str, str, str]] = {
     "single": ("single_transformer_blocks", "single_stream", "single_targets"),
 }
 _EXPERT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a file name and a peft adapter name
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _target_matcher(target: str) -> Callable[[str], bool]:
@@ -283,7 +283,7 @@ def inject_lora_moe(transformer: nn.Module, config: LoraConfig, experts: Sequenc
             context=context,
             dropout=config.dropout,
             init=config.init,
-            dtype=_DTYPES[config.dtype],
+            dtype=DTYPES[config.dtype],
         )
         parent_name, _, child = name.rpartition(".")
         setattr(transformer.get_submodule(parent_name), child, layer)

@@ -18,7 +18,7 @@ import torch
 
 from regionroute.errors import UserError
 
-__all__ = ["cache_dir", "quiet_loading", "resolve_device", "resolve_dtype", "resolve_reference"]
+__all__ = ["DTYPES", "cache_dir", "quiet_loading", "resolve_device", "resolve_dtype", "resolve_reference"]
 
 TINY = "tiny"
 
@@ -78,6 +78,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """Map the params string to a torch dtype (half precision on CPU is allowed but slow)."""
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """Map a params dtype string to a torch dtype (half precision on CPU is allowed but slow)."""
+    return DTYPES[dtype]

@@ -25,7 +25,7 @@ def load_kontext(cfg: ModelsConfig) -> FluxKontextPipeline:
     source = resolve_reference(cfg.kontext, "kontext", save_tiny_kontext, TINY_KONTEXT_VERSION)
     device = resolve_device(cfg.device)
     try:
-        pipe = FluxKontextPipeline.from_pretrained(source, dtype=resolve_dtype(cfg.dtype, device))
+        pipe = FluxKontextPipeline.from_pretrained(source, dtype=resolve_dtype(cfg.dtype))
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"models.kontext: cannot load {cfg.kontext!r} ({first})") from None

@@ -42,7 +42,7 @@ def load_vlm(
     source = resolve_reference(ref, "qwen2_5_vl", save_tiny_qwen, TINY_QWEN_VERSION)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(source, dtype=resolve_dtype(dtype, dev))
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(source, dtype=resolve_dtype(dtype))
         processor = AutoProcessor.from_pretrained(source)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
