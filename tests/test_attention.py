@@ -9,7 +9,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
 from regionroute.errors import ConfigError
-from regionroute.flux import attention
+from regionroute.flux import attention_maps
 from regionroute.flux.attention import StyleAttentionRecorder, StyleAttnProcessor
 from regionroute.losses import AttentionLossConfig, attention_losses
 from regionroute.metrics.attention import attention_mass_inside
@@ -123,7 +123,7 @@ def grads(tr, inp, fn, **kw):
 )
 def test_maps_and_gradients_match_naive(direction, context, lse_kernel, monkeypatch):
     if not lse_kernel:
-        monkeypatch.setattr(attention, "_CPU_FLASH", None)
+        monkeypatch.setattr(attention_maps, "_CPU_FLASH", None)
     tr = tiny_transformer()
     inp = inputs(context=context)
     ref = grads(tr, inp, lambda t, i: run_naive(t, i, direction))
@@ -277,3 +277,26 @@ def test_layer_map_bf16_gradients_match_fp32_naive(direction):
     assert q16.grad.dtype == k16.grad.dtype == torch.bfloat16
     torch.testing.assert_close(q16.grad.float(), q32.grad, rtol=1e-2, atol=1e-4)  # bf16 rounding of the grads
     torch.testing.assert_close(k16.grad.float(), k32.grad, rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("direction", ["text_to_image", "image_to_text"])
+def test_maps_and_gradients_stay_float32_under_bf16_autocast(direction):
+    """The docstring's promise: float32 maps (and grads) whatever autocast is active."""
+    torch.manual_seed(0)
+    b, L, n, heads, d = 2, 6, 32, 2, 16
+    q = torch.randn(b, L + 2 * n, heads, d, requires_grad=True)
+    k = torch.randn(b, L + 2 * n, heads, d, requires_grad=True)
+    mask = torch.zeros(b, L, dtype=torch.bool)
+    mask[:, 2:4] = True
+    rec = StyleAttentionRecorder(direction=direction)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = rec.layer_map(q, k, mask, n)
+        (auto * torch.arange(n)).sum().backward()
+    gq, gk = q.grad.clone(), k.grad.clone()
+    q.grad = k.grad = None
+    ref = rec.layer_map(q, k, mask, n)
+    (ref * torch.arange(n)).sum().backward()
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, ref, rtol=1e-4, atol=0)
+    torch.testing.assert_close(gq, q.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(gk, k.grad, rtol=1e-4, atol=1e-7)
