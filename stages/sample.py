@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_section(args.params, "data", DataConfig)
     cfg = load_section(args.params, "sample", SampleConfig)
     split = data.splits[args.split]
-    from regionroute.data.coco import sample_split
+    from regionroute.data.coco import sample_split, skip_summary
 
     try:
         stats = sample_split(
@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ConfigError as exc:
         raise ConfigError(f"{args.params}: {exc}") from None
-    print(f"sample {args.split}: wrote {stats['written']} pairs to {args.out} (dropped: {stats['dropped'] or 'none'})")
+    skipped = skip_summary(stats["skipped_annotations"], stats["dropped"])
+    print(f"sample {args.split}: wrote {stats['written']} pairs to {args.out} (skipped: {skipped})")
     return 0
 
 

@@ -172,3 +172,33 @@ def test_unknown_category_filter_is_a_config_error(params_file, tmp_path, capsys
     params = params_file(sample={"categories": ["unicorn"]})
     code, err = run_stage(sample.main, sample_argv(params, DEMO, tmp_path / "o"), capsys)
     assert code == 2 and "sample.categories: unknown category 'unicorn'" in err
+
+
+def test_everything_passed_over_is_counted_by_reason(params_file, tmp_path, capsys):
+    root = _tiny_coco(tmp_path / "coco", [(10, 10, 40, 40), (12, 12, 44, 44), (50, 20, 350, 80), (5, 5, 30, 30)])
+    inst = root / "annotations" / "instances_train.json"
+    data = json.loads(inst.read_text())
+    extra = dict(data["annotations"][0], id=100, iscrowd=1)  # a crowd region on image 1
+    unknown = dict(data["annotations"][0], id=101, category_id=999)  # a category id not in categories
+    tiny = dict(data["annotations"][0], id=102, area=4.0, segmentation=[[1, 1, 3, 1, 3, 3, 1, 3]])  # too small
+    data["annotations"] += [extra, unknown, tiny]
+    inst.write_text(json.dumps(data))
+    caps_path = root / "annotations" / "captions_train.json"
+    caps = json.loads(caps_path.read_text())
+    caps["annotations"] = [c for c in caps["annotations"] if c["image_id"] != 4]  # image 4 has no caption
+    caps_path.write_text(json.dumps(caps))
+    params = params_file(
+        sample={"resolution": 96, "min_area_frac": 0.0005},
+        data={"splits": {"train": {"coco": "train", "num": 3}, "eval": {"coco": "val", "num": 1}}},
+    )
+    code, err = run_stage(sample.main, sample_argv(params, root, tmp_path / "o"), capsys)
+    assert code == 2 and "crop_mask_loss 1" in err and "missing_caption 1" in err  # 4 images, only 2 usable
+    assert "annotations crowd 1, too_small 1, unknown_category 1" in err
+    params = params_file(
+        sample={"resolution": 96, "min_area_frac": 0.0005},
+        data={"splits": {"train": {"coco": "train", "num": 1}, "eval": {"coco": "val", "num": 1}}},
+    )
+    assert sample.main(sample_argv(params, root, tmp_path / "o1")) == 0
+    assert "(skipped: annotations crowd 1, too_small 1, unknown_category 1" in capsys.readouterr().out
+    stats = json.loads((tmp_path / "o1" / "stats.json").read_text())
+    assert stats["skipped_annotations"] == {"crowd": 1, "too_small": 1, "unknown_category": 1}

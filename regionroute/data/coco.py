@@ -12,7 +12,10 @@ its area in the crop is dropped and counted. The same code reads the real COCO 2
 Output directory (written atomically as a whole)::
 
     manifest.jsonl   one record per pair (schema: ``SampleRecord``)
-    stats.json       counts: eligible images, dropped (and why), written, per category
+    stats.json       counts: eligible images, written, per category, and everything passed
+                     over, by reason: ``skipped_annotations`` (crowd, unknown_category,
+                     excluded_category, too_small, unknown_image) and ``dropped`` images
+                     (no_usable_instance, missing_caption, empty_mask, crop_mask_loss)
     images/<id>.png  the cropped original, resolution x resolution
     masks/<id>.png   its binary target mask (0/255), same size
 """
@@ -34,7 +37,7 @@ from regionroute.config import SampleConfig
 from regionroute.errors import ConfigError, DataError
 from regionroute.io import atomic_dir, read_image, read_json, write_image, write_json, write_jsonl, write_mask
 
-__all__ = ["SampleRecord", "crop_square", "load_coco", "sample_split"]
+__all__ = ["SampleRecord", "crop_square", "load_coco", "sample_split", "skip_summary"]
 
 
 @dataclass(frozen=True)
@@ -130,15 +133,35 @@ def crop_square(image: np.ndarray, mask: np.ndarray, resolution: int) -> tuple[n
     return np.ascontiguousarray(img_c), mask_c, (x0, y0, round(scale, 6)), 1.0 - float(mask_c.sum()) / total
 
 
+def _annotation_skip(ann: dict[str, Any], cfg: SampleConfig, known: set[int], allowed: set[int], img: dict) -> str:
+    """Why an annotation cannot be a target ("" when it can): the reasons counted in stats.json."""
+    if ann.get("iscrowd", 0):
+        return "crowd"
+    if ann["category_id"] not in known:
+        return "unknown_category"
+    if ann["category_id"] not in allowed:
+        return "excluded_category"
+    if ann.get("area", 0) < cfg.min_area_frac * img["width"] * img["height"]:
+        return "too_small"
+    return ""
+
+
 def _usable(coco: Any, img_id: int, cfg: SampleConfig, allowed: set[int]) -> list[dict[str, Any]]:
     img = coco.imgs[img_id]
-    min_area = cfg.min_area_frac * img["width"] * img["height"]
+    known = set(coco.cats)
     anns = coco.imgToAnns.get(img_id, [])
-    return [
-        a
-        for a in sorted(anns, key=lambda a: a["id"])
-        if not a.get("iscrowd", 0) and a["category_id"] in allowed and a.get("area", 0) >= min_area
-    ]
+    return [a for a in sorted(anns, key=lambda a: a["id"]) if not _annotation_skip(a, cfg, known, allowed, img)]
+
+
+def _skipped_annotations(coco: Any, cfg: SampleConfig, allowed: set[int]) -> Counter[str]:
+    """Every annotation of the split that can never be a target, counted by reason."""
+    known = set(coco.cats)
+    reasons = (
+        _annotation_skip(a, cfg, known, allowed, coco.imgs[a["image_id"]]) if a["image_id"] in coco.imgs
+        else "unknown_image"
+        for a in coco.dataset["annotations"]
+    )  # fmt: skip
+    return Counter(r for r in reasons if r)
 
 
 def _allowed_categories(coco: Any, cfg: SampleConfig) -> set[int]:
@@ -149,6 +172,15 @@ def _allowed_categories(coco: Any, cfg: SampleConfig) -> set[int]:
             raise ConfigError(f"sample.{key}: unknown category {unknown[0]!r} (not in the annotation file)")
     allowed = {by_name[n] for n in cfg.categories} if cfg.categories else set(by_name.values())
     return allowed - {by_name[n] for n in cfg.exclude_categories}
+
+
+def skip_summary(annotations: dict[str, int], images: dict[str, int]) -> str:
+    """One line: ``annotations crowd 3, too_small 2; images crop_mask_loss 1`` (or ``none``)."""
+    parts = []
+    for what, counts in (("annotations", annotations), ("images", images)):
+        if any(counts.values()):
+            parts.append(what + " " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v))
+    return "; ".join(parts) or "none"
 
 
 def sample_split(
@@ -167,6 +199,7 @@ def sample_split(
     allowed = _allowed_categories(coco, cfg)
     names = {c["id"]: c["name"] for c in coco.dataset["categories"]}
     eligible = [i for i in sorted(coco.imgs) if _usable(coco, i, cfg, allowed)]
+    skipped_anns = _skipped_annotations(coco, cfg, allowed)
     if not eligible:
         raise DataError(
             f"{instances}: no image has a usable instance (non-crowd, allowed category, "
@@ -174,13 +207,17 @@ def sample_split(
         )
     order = np.random.default_rng(cfg.seed).permutation(len(eligible))
     records: list[SampleRecord] = []
-    dropped: Counter[str] = Counter()
+    dropped: Counter[str] = Counter({"no_usable_instance": len(coco.imgs) - len(eligible)})
     with atomic_dir(out_dir) as tmp, tqdm(total=num, desc=f"sample {split}", unit="img") as bar:
         for idx in order:
             if len(records) == num:
                 break
             img_id = eligible[idx]
             img = coco.imgs[img_id]
+            image_caps = caps.get(img_id, [])
+            if not image_caps:  # the paper samples image-caption pairs
+                dropped["missing_caption"] += 1
+                continue
             usable = _usable(coco, img_id, cfg, allowed)
             rng = np.random.default_rng([cfg.seed, img_id])
             ann = usable[int(rng.integers(len(usable)))]
@@ -202,7 +239,6 @@ def sample_split(
             sid = f"{img_id:012d}"
             write_image(tmp / "images" / f"{sid}.png", crop_img)
             write_mask(tmp / "masks" / f"{sid}.png", crop_mask)
-            image_caps = caps.get(img_id, [])
             records.append(
                 SampleRecord(
                     id=sid,
@@ -212,7 +248,7 @@ def sample_split(
                     ann_id=int(ann["id"]),
                     category_id=int(ann["category_id"]),
                     object=names[ann["category_id"]],
-                    caption=image_caps[int(rng.integers(len(image_caps)))] if image_caps else "",
+                    caption=image_caps[int(rng.integers(len(image_caps)))],
                     area=float(ann.get("area", mask.sum())),
                     area_frac=round(float(crop_mask.mean()), 6),
                     mask_loss=round(loss, 6),
@@ -224,16 +260,19 @@ def sample_split(
                 )
             )
             bar.update(1)
+        dropped = +dropped  # keep positive counts only
         if len(records) < num:
             raise ConfigError(
                 f"{num_key}: asked for {num} pairs but {instances} yields only {len(records)} "
-                f"({len(eligible)} eligible images, {sum(dropped.values())} dropped)"
+                f"({len(eligible)} eligible images, {sum(dropped.values()) - dropped['no_usable_instance']} "
+                f"dropped; skipped: {skip_summary(dict(skipped_anns), dict(dropped))})"
             )
         stats = {
             "split": split,
             "eligible_images": len(eligible),
             "written": len(records),
-            "dropped": dict(sorted(dropped.items())),
+            "dropped": dict(sorted(dropped.items())),  # images passed over, by reason
+            "skipped_annotations": dict(sorted(skipped_anns.items())),  # annotations that can never be targets
             "per_category": dict(sorted(Counter(r.object for r in records).items())),
         }
         write_jsonl(tmp / "manifest.jsonl", (asdict(r) for r in records))
