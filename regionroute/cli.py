@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     edit.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     edit.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    edit.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        help="T5 text length (default: the length the model was trained with)",
+    )
     abl = sub.add_parser("ablations", help="write the ablation table from the DVC experiments")
     abl.add_argument("--out", type=Path, default=Path("reports/ablations.md"), help="output markdown file")
     demo = sub.add_parser("make-demo", help="write the synthetic COCO-format demo dataset")
@@ -57,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.steps is not None and args.steps < 1:
             raise UserError(f"--steps: must be >= 1, got {args.steps}")
+        if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= 512:
+            raise UserError(f"--max-sequence-length: must be in [1, 512], got {args.max_sequence_length}")
         out = edit_image(
             args.image,
             args.object,
@@ -69,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             max_area=args.max_area,
             device=args.device,
             dtype=args.dtype,
+            max_sequence_length=args.max_sequence_length,
         )
         print(f"wrote {out}")
     elif args.command == "ablations":

@@ -278,7 +278,9 @@ class InferConfig(_Section):
     instruction: str = "make the {object} into {style} style"
     steps: int = 28
     guidance: float = 3.5
-    max_sequence_length: int = 512
+    # None = the length the experts were trained with (train.max_sequence_length, stored in the
+    # model's regionroute.json), for every method: the baseline reads the same text sequence.
+    max_sequence_length: int | None = None
     batch_size: int = 1
     seed: int = 0
     attention_steps: tuple[int, ...] = (5, 10, 15, 20, 25)
@@ -290,9 +292,9 @@ class InferConfig(_Section):
         for key in ("{object}", "{style}"):
             if key not in self.instruction:
                 self._fail("instruction", f"must contain '{key}', got {self.instruction!r}")
-        self._at_least(1, "steps", "batch_size", "max_sequence_length")
-        if self.max_sequence_length > 512:
-            self._fail("max_sequence_length", f"must be <= 512 (T5), got {self.max_sequence_length}")
+        self._at_least(1, "steps", "batch_size")
+        if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 512:
+            self._fail("max_sequence_length", f"must be null or in [1, 512] (T5), got {self.max_sequence_length}")
         bad = [s for s in self.attention_steps if not 1 <= s <= self.steps]
         if bad:
             self._fail("attention_steps", f"step {bad[0]} is outside 1..infer.steps ({self.steps})")

@@ -43,8 +43,14 @@ def edit_image(
     max_area: int | None = None,
     device: str = "auto",
     dtype: str = "float32",
+    max_sequence_length: int | None = None,
 ) -> Path:
-    """Edit one image; writes ``out_path`` (and the attention figure if asked). Returns ``out_path``."""
+    """Edit one image; writes ``out_path`` (and the attention figure if asked). Returns ``out_path``.
+
+    The T5 text length is the one the experts were trained with (``regionroute.json``)
+    unless ``max_sequence_length`` overrides it; the experts' routing is the trained one
+    (style, or the learned gate).
+    """
     from regionroute.flux.tokens import find_style_span
     from regionroute.infer import Editor, save_attention_figure
     from regionroute.lora_moe import load_moe
@@ -71,7 +77,7 @@ def edit_image(
     cfg = dataclasses.replace(
         base,
         steps=n_steps,
-        max_sequence_length=config["train"]["max_sequence_length"],
+        max_sequence_length=max_sequence_length or int(config["train"]["max_sequence_length"]),
         attention_steps=tuple(s for s in base.attention_steps if s <= n_steps) or (n_steps,),
     )
     pipe = load_kontext(ModelsConfig(kontext=config["base_model"], dtype=dtype, device=device))

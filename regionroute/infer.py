@@ -4,10 +4,12 @@ METHOD.md §6. Methods (one code path; the ablations are the same stage under
 ``dvc exp run -S ...``):
 
 * ``kontext``: the base FLUX.1-Kontext (the paper's baseline);
-* ``regionroute``: the trained LoRA-MoE routed to the instruction's style. Pairs are
-  processed grouped by style, so by default the style's expert is merged into the base
-  weights once per group (``infer.merge_expert``): the denoising loop then costs exactly
-  the base model's;
+* ``regionroute``: the trained LoRA-MoE, routed as it was trained. ``routing: style``:
+  the instruction's style picks the expert; pairs are processed grouped by style, so by
+  default the style's expert is merged into the base weights once per group
+  (``infer.merge_expert``): the denoising loop then costs exactly the base model's.
+  ``routing: learned``: the trained MoLE gate weighs the experts from the instruction's
+  pooled text embedding, per sample, exactly as in training (never merged);
 * ``oracle``: global stylization + composite with the ground-truth mask (the eval split's
   pseudo-GT). It uses the mask, so it is a reference upper bound, not a rival.
 
@@ -23,14 +25,20 @@ Output per method::
     <out>/images/<id>.png   <out>/attention/<id>.npz   <out>/figures/<id>.png
     <out>/manifest.jsonl    one line per pair x style (written last)
 
-Resumable like ``stylize``: finished pairs are skipped, a changed fingerprint restarts.
+The T5 text length is the one the experts were trained with (``infer.max_sequence_length:
+null`` = ``train.max_sequence_length``, stored in the model's ``regionroute.json``), for
+every method, so the baseline and RegionRoute read the same text sequence.
+
+Resumable, keyed on content (:mod:`regionroute.fingerprint`): the directory's fingerprint
+holds the method, params, base model files, experts and code; each pair's marker holds
+the digest of its input image bytes (the pseudo-GT's for ``oracle``), instruction and
+seed. Unchanged pairs are kept, changed ones recomputed, vanished ones pruned.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import io as _io
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,7 +50,7 @@ from regionroute.config import InferConfig
 from regionroute.errors import DataError, UserError
 from regionroute.io import atomic_path, prepare_resumable_dir, read_image, read_jsonl, write_image, write_jsonl
 
-__all__ = ["METHODS", "Editor", "run_method", "save_attention_figure"]
+__all__ = ["CODE_MODULES", "METHODS", "Editor", "resolve_text_length", "run_method", "save_attention_figure"]
 
 Method = Literal["kontext", "regionroute", "oracle"]
 METHODS: tuple[str, ...] = ("kontext", "regionroute", "oracle")
@@ -58,7 +66,11 @@ class Editor:
     def __init__(self, pipe: Any, cfg: InferConfig, moe: Any = None, merge: bool = True) -> None:
         from regionroute.flux.attention import StyleAttentionRecorder
 
-        self.pipe, self.cfg, self.moe, self.merge = pipe, cfg, moe, merge
+        if cfg.max_sequence_length is None:
+            raise ValueError("Editor needs a resolved infer.max_sequence_length (see resolve_text_length)")
+        self.pipe, self.cfg, self.moe = pipe, cfg, moe
+        self.learned = moe is not None and moe.config.routing == "learned"
+        self.merge = merge and not self.learned  # a learned gate differs per sample: never merged
         self._merged: str | None = None  # the expert currently folded into the weights
         self.recorder = StyleAttentionRecorder(direction=cfg.attention_direction, layers="all")
         self.recorder.install(pipe.transformer)
@@ -68,6 +80,25 @@ class Editor:
         if self._merged is not None:
             self.moe.unmerge()
             self._merged = None
+
+    def _route(self, style: str, prompts: list[str], n: int, device: Any) -> tuple[Any, Any] | None:
+        """Route the experts for one batch; returns the prompts' embeddings when they were computed here."""
+        if self.moe is None:
+            return None
+        if self.learned:  # as in training: the gate reads the pooled text embedding of each instruction
+            embeds, pooled, _ = self.pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, device=device, max_sequence_length=self.cfg.max_sequence_length
+            )
+            with torch.no_grad():
+                self.moe.route(pooled=pooled)
+            return embeds, pooled
+        if self.merge and self._merged != style:  # sticky: merged once per run of same-style batches
+            self.close()
+            self.moe.merge(style)
+            self._merged = style
+        elif not self.merge:
+            self.moe.route(style_ids=self.moe.style_ids([style] * n))
+        return None
 
     def edit(
         self,
@@ -95,16 +126,10 @@ class Editor:
         L = self.cfg.max_sequence_length
         style_mask = style_token_mask(self.pipe.tokenizer_2, prompts, [style] * len(prompts), L)
         grid = (h // 16, w // 16)
-        if self.moe is not None:
-            if self.merge and self._merged != style:  # sticky: merged once per run of same-style batches
-                self.close()
-                self.moe.merge(style)
-                self._merged = style
-            elif not self.merge:
-                self.moe.route(style_ids=self.moe.style_ids([style] * len(images)))
         device = self.pipe._execution_device
+        embeds = self._route(style, prompts, len(images), device)
         with self.recorder.capture(style_mask=style_mask.to(device), n_text=L, n_target=grid[0] * grid[1]):
-            outs = kontext_edit(self.pipe, images, prompts, seeds, steps, self.cfg.guidance, L)
+            outs = kontext_edit(self.pipe, images, prompts, seeds, steps, self.cfg.guidance, L, embeds=embeds)
             maps = None
             if att_steps:  # forward k-1 is denoising step k (no CFG: one forward per step)
                 maps = torch.stack([self.recorder.maps(forward=s - 1) for s in att_steps], dim=1)
@@ -149,12 +174,47 @@ def _save_npz(path: Path, maps: np.ndarray, steps: tuple[int, ...]) -> None:
         )
 
 
-def _fingerprint(method: str, records: Path, cfg: InferConfig, base: str, model_dir: Path | None) -> dict[str, Any]:
-    digest = hashlib.sha256(records.read_bytes())
+#: Modules that define the edited pixels and maps (the regionroute/ deps of ``infer`` in dvc.yaml).
+CODE_MODULES: tuple[str, ...] = (
+    "regionroute.infer",
+    "regionroute.fingerprint",
+    "regionroute.lora_moe.*",
+    "regionroute.flux.*",
+    "regionroute.models",
+    "regionroute.models.kontext",
+    "regionroute.tiny.kontext",
+    "regionroute.tiny.text",
+    "regionroute.io",
+    "regionroute.config",
+)
+
+
+def resolve_text_length(cfg: InferConfig, trained_length: int) -> InferConfig:
+    """``infer.max_sequence_length: null`` means the length the experts were trained with."""
+    if cfg.max_sequence_length is not None:
+        return cfg
+    return dataclasses.replace(cfg, max_sequence_length=trained_length)
+
+
+def _fingerprint(method: str, cfg: InferConfig, models: Any, model_dir: Path | None) -> dict[str, Any]:
+    from regionroute.fingerprint import code_digest, tree_digest
+    from regionroute.models.kontext import kontext_key
+
+    fp: dict[str, Any] = {"method": method, "code": code_digest(CODE_MODULES)}
+    if method != "oracle":  # the oracle copies the pseudo-GT: no model, no params
+        fp |= {"infer": dataclasses.asdict(cfg), "models": kontext_key(models)}
     if model_dir is not None:
-        for f in sorted((model_dir / "moe").glob("*")):
-            digest.update(f.read_bytes())
-    return {"method": method, "infer": asdict(cfg), "base_model": base, "inputs_sha256": digest.hexdigest()}
+        fp["experts"] = tree_digest(model_dir / "moe")
+    return fp
+
+
+def _item_key(method: str, root: Path, r: dict[str, Any], cfg: InferConfig) -> str:
+    from regionroute.fingerprint import file_digest, json_digest
+
+    if method == "oracle":
+        return json_digest([file_digest(root / r["pseudo_gt"])])
+    instruction = cfg.instruction.format(object=r["object"], style=r["style"])
+    return json_digest([file_digest(root / r["original"]), instruction, cfg.seed + int(r["image_id"])])
 
 
 def run_method(
@@ -163,10 +223,16 @@ def run_method(
     out_dir: Path,
     cfg: InferConfig,
     editor: Editor | None = None,
-    base_model: str = "",
+    models: Any = None,
     model_dir: Path | None = None,
 ) -> int:
-    """Run one method over every eval record (pair x style); returns how many were generated now."""
+    """Run one method over every eval record (pair x style); returns how many were generated now.
+
+    ``models``: the ``models`` params section (:class:`~regionroute.config.ModelsConfig`)
+    the editor's pipeline was loaded from; part of the resume key.
+    """
+    from regionroute.fingerprint import ItemStore
+
     if method not in METHODS:
         raise UserError(f"--method: unknown method {method!r} (one of {', '.join(METHODS)})")
     if method != "oracle" and editor is None:
@@ -175,10 +241,15 @@ def run_method(
     if not records:
         raise DataError(f"{records_path}: no evaluation records")
     root = records_path.parent
+    if method != "oracle" and (models is None or cfg.max_sequence_length is None):
+        raise ValueError(f"method {method} needs the models section and a resolved text length")
     model_dir = model_dir if method == "regionroute" else None  # only regionroute depends on the experts
-    out_dir = prepare_resumable_dir(out_dir, _fingerprint(method, records_path, cfg, base_model, model_dir))
+    out_dir = prepare_resumable_dir(out_dir, _fingerprint(method, cfg, models, model_dir))
     (out_dir / "manifest.jsonl").unlink(missing_ok=True)
-    todo = [r for r in records if not (out_dir / "images" / f"{r['id']}.png").is_file()]
+    store = ItemStore(out_dir)
+    store.prune({r["id"] for r in records}, ["images", "attention", "figures"])
+    keys = {r["id"]: _item_key(method, root, r, cfg) for r in records}
+    todo = [r for r in records if not store.done(r["id"], keys[r["id"]], [f"images/{r['id']}.png"])]
     att_steps = tuple(cfg.attention_steps)
     with tqdm(total=len(records), initial=len(records) - len(todo), desc=f"infer {method}", unit="img") as bar:
         for style in sorted({r["style"] for r in todo}):
@@ -188,6 +259,7 @@ def run_method(
                 if method == "oracle":  # the pseudo-GT of the eval split is exactly global stylization + GT mask
                     for r in batch:
                         write_image(out_dir / "images" / f"{r['id']}.png", read_image(root / r["pseudo_gt"]))
+                        store.mark(r["id"], keys[r["id"]])
                     bar.update(len(batch))
                     continue
                 images = [read_image(root / r["original"]) for r in batch]
@@ -204,7 +276,8 @@ def run_method(
                                 att_steps,
                                 title=f"{method}: {cfg.instruction.format(object=r['object'], style=style)}",
                             )
-                    write_image(out_dir / "images" / f"{r['id']}.png", outs[i])  # last: marks the pair done
+                    write_image(out_dir / "images" / f"{r['id']}.png", outs[i])
+                    store.mark(r["id"], keys[r["id"]])  # last: the pair is done for exactly these inputs
                 bar.update(len(batch))
     if editor is not None:
         editor.close()

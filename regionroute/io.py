@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -149,14 +150,24 @@ def write_mask(path: str | os.PathLike[str], mask: np.ndarray) -> None:
 def prepare_resumable_dir(path: str | os.PathLike[str], fingerprint: dict[str, Any]) -> Path:
     """Create ``path`` for a resumable stage output keyed by ``fingerprint``.
 
-    Content written under another fingerprint (other params, model or inputs), or with
-    none, is deleted: a resumed run never mixes results of two configurations.
+    ``fingerprint`` holds content keys (see :mod:`regionroute.fingerprint`), never paths
+    or counts. Content written under another fingerprint (other params, model, code or
+    inputs), or with none, is deleted with one line saying which part changed: a resumed
+    run never mixes results of two configurations.
     """
     path = Path(path)
     fp_path = path / "fingerprint.json"
     fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))  # tuples -> lists, as read back
-    if path.exists() and (not fp_path.is_file() or read_json(fp_path) != fingerprint):
-        shutil.rmtree(path)
+    if path.exists():
+        old = read_json(fp_path) if fp_path.is_file() else None
+        if old != fingerprint:
+            if old is None:
+                why = "no fingerprint"
+            else:
+                keys = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+                why = "changed: " + ", ".join(keys)
+            print(f"{path}: kept results do not match ({why}); starting from scratch", file=sys.stderr)
+            shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     write_json(fp_path, fingerprint)
     return path

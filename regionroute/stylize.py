@@ -7,16 +7,18 @@ not depend on batch composition. Output per split::
 
     <out>/<split>/images/<id>.png   the stylized image, same size as the input crop
     <out>/<split>/manifest.jsonl     {"id", "style", "stylized", "seed"} per image (written last)
-    <out>/<split>/fingerprint.json   what produced the images (params, model, input manifest)
+    <out>/<split>/fingerprint.json   what produced the images (params, model files, code)
+    <out>/<split>/items/<id>.json    each image's input key (its input pixels and seed)
 
-Resumable: images are written atomically one by one; a re-run with the same
-fingerprint skips those already present (the DVC output is ``persist: true``); a
-different fingerprint (params, model or inputs changed) starts from scratch.
+Resumable, keyed on content (:mod:`regionroute.fingerprint`): the split directory's
+fingerprint holds the params, the model files' digest and the code; each image's marker
+holds the digest of its input image's bytes and its seed. A re-run keeps exactly the
+images whose key is unchanged (the DVC output is ``persist: true``), recomputes the
+others, and prunes images of samples no longer in the manifest.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,16 +32,33 @@ from regionroute.io import prepare_resumable_dir, read_image, read_jsonl, write_
 if TYPE_CHECKING:
     from diffusers import FluxKontextPipeline
 
-__all__ = ["fingerprint", "stylize_batch", "stylize_splits"]
+__all__ = ["CODE_MODULES", "fingerprint", "stylize_batch", "stylize_splits"]
 
 
-def fingerprint(cfg: StylizeConfig, models: ModelsConfig, style: str, manifest: Path) -> dict[str, Any]:
-    """Everything that determines one split's stylized pixels (decides whether to resume)."""
+#: Modules that define the stylized pixels (the regionroute/ deps of ``stylize`` in dvc.yaml).
+CODE_MODULES: tuple[str, ...] = (
+    "regionroute.stylize",
+    "regionroute.fingerprint",
+    "regionroute.flux.pipeline",
+    "regionroute.models",
+    "regionroute.models.kontext",
+    "regionroute.tiny.kontext",
+    "regionroute.tiny.text",
+    "regionroute.io",
+    "regionroute.config",
+)
+
+
+def fingerprint(cfg: StylizeConfig, models: ModelsConfig, style: str) -> dict[str, Any]:
+    """What determines every image of a split, by content: params, model files, code."""
+    from regionroute.fingerprint import code_digest
+    from regionroute.models.kontext import kontext_key
+
     return {
         "style": style,
         "stylize": {k: getattr(cfg, k) for k in ("instruction", "steps", "guidance", "max_sequence_length", "seed")},
-        "models": {"kontext": models.kontext, "dtype": models.dtype},
-        "inputs_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+        "models": kontext_key(models),
+        "code": code_digest(CODE_MODULES),
     }
 
 
@@ -64,15 +83,20 @@ def stylize_splits(
     for split in sorted(samples):
         if not (samples[split] / "manifest.jsonl").is_file():
             raise DataError(f"{samples[split] / 'manifest.jsonl'}: file not found (run the sample stage first)")
+    from regionroute.fingerprint import ItemStore, file_digest, json_digest
+
     prompt = cfg.instruction.format(style=style)
+    fp = fingerprint(cfg, models, style)
     counts = {}
     for split in sorted(samples):
-        split_dir = prepare_resumable_dir(
-            out_dir / split, fingerprint(cfg, models, style, samples[split] / "manifest.jsonl")
-        )
+        split_dir = prepare_resumable_dir(out_dir / split, fp)
+        store = ItemStore(split_dir)
         records = read_jsonl(samples[split] / "manifest.jsonl")
         (split_dir / "manifest.jsonl").unlink(missing_ok=True)
-        todo = [r for r in records if not (split_dir / "images" / f"{r['id']}.png").is_file()]
+        store.prune({r["id"] for r in records}, ["images"])
+        keys = {r["id"]: json_digest([file_digest(samples[split] / r["image"]), cfg.seed + int(r["image_id"])])
+                for r in records}  # fmt: skip
+        todo = [r for r in records if not store.done(r["id"], keys[r["id"]], [f"images/{r['id']}.png"])]
         with tqdm(
             total=len(records), initial=len(records) - len(todo), desc=f"stylize {style} {split}", unit="img"
         ) as bar:
@@ -82,6 +106,7 @@ def stylize_splits(
                 seeds = [cfg.seed + int(r["image_id"]) for r in batch]
                 for r, out in zip(batch, stylize_batch(pipe, images, [prompt] * len(batch), seeds, cfg), strict=True):
                     write_image(split_dir / "images" / f"{r['id']}.png", out)
+                    store.mark(r["id"], keys[r["id"]])
                 bar.update(len(batch))
         write_jsonl(
             split_dir / "manifest.jsonl",

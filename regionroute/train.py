@@ -1,26 +1,22 @@
 """Stage ``train``: LoRA-MoE on FLUX.1-Kontext with flow matching + attention supervision.
 
-METHOD.md §2 (model input) and §4-5. Follows diffusers'
-``examples/dreambooth/train_dreambooth_lora_flux_kontext.py`` for the input construction,
-importing its helpers from ``diffusers.training_utils`` rather than copying the script:
-
-* ``x0 = (vae.encode(pseudo_gt).mode() - shift) * scale``, the context (original) the
-  same way; both packed 2x2; ids from ``FluxKontextPipeline._prepare_latent_image_ids``
-  with the context ids' first coordinate set to 1 (the pipeline does this; the public
-  RegionRoute code forgets it, a train/inference mismatch we do not copy);
-* ``sigma`` via ``compute_density_for_timestep_sampling`` indexed into the scheduler's
-  sigma table, ``x_t = (1 - sigma) x0 + sigma noise``, target ``noise - x0``, loss
-  weighted by ``compute_loss_weighting_for_sd3``;
-* sequence ``[text (L) | target (N) | context (N)]``, prediction = first N image tokens;
-* latents and text embeddings are computed once (:func:`encode_dataset`), then the VAE
-  and text encoders are freed.
+METHOD.md §2 (model input) and §4-5. The flow-matching inputs come from
+:mod:`regionroute.flux.flow` (diffusers' Kontext LoRA script, helpers from
+``diffusers.training_utils``); latents and text embeddings are computed once
+(:func:`encode_dataset`), then the VAE and text encoders are freed.
 
 The total loss is ``flow + w_focus * focus + w_cover * cover + w_balance * balance``.
 Mixed precision, gradient accumulation and multi-GPU (``accelerate launch``) come from
 accelerate. Every micro-batch (sample indices, noise, sigmas) is drawn from a generator
 seeded by ``(seed, step, micro, process)``, so a run resumed from a checkpoint continues
-exactly as the uninterrupted run would have. Checkpoints are written atomically every
-``checkpoint_every`` steps; a non-finite loss stops the run and keeps the last good one.
+exactly as the uninterrupted run would have (:mod:`regionroute.checkpoint`).
+
+Resume is keyed on content: the checkpoint directory's fingerprint holds the digest of
+the encoded training tensors (so new pseudo-GT pixels, masks or instructions restart
+training), the base model's files, the code of the objective, and every param that
+changes the result or its logs. A non-finite loss stops the run and keeps the last good
+checkpoint. Logged per step: each loss term, the LR, the attention mass inside the mask,
+and ``n_empty``, the samples whose mask is empty on the token grid (no attention loss).
 """
 
 from __future__ import annotations
@@ -29,7 +25,7 @@ import json
 import shutil
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +37,34 @@ from regionroute.config import LossConfig, TrainConfig
 from regionroute.errors import DataError, UserError
 from regionroute.io import atomic_dir, prepare_resumable_dir, read_image, read_json, read_jsonl, read_mask, write_json
 
-__all__ = ["TrainCache", "TrainingError", "encode_dataset", "probe_attention", "read_model_config", "train"]
+__all__ = [
+    "CODE_MODULES",
+    "TrainCache",
+    "TrainingError",
+    "encode_dataset",
+    "probe_attention",
+    "read_model_config",
+    "train",
+]
+
+#: Modules that define the trained experts (the regionroute/ deps of ``train`` in dvc.yaml).
+CODE_MODULES: tuple[str, ...] = (
+    "regionroute.train",
+    "regionroute.checkpoint",
+    "regionroute.fingerprint",
+    "regionroute.lora_moe.*",
+    "regionroute.flux.*",
+    "regionroute.losses",
+    "regionroute.metrics.attention",
+    "regionroute.models",
+    "regionroute.models.kontext",
+    "regionroute.tiny.kontext",
+    "regionroute.tiny.text",
+    "regionroute.io",
+    "regionroute.config",
+)
+#: train params that change neither the experts nor the logs: a run may resume across them.
+_NOT_IN_KEY = ("checkpoint_every", "keep_checkpoints")
 
 MODEL_CONFIG_NAME = "regionroute.json"
 
@@ -66,6 +89,12 @@ class TrainCache:
     @property
     def n_records(self) -> int:
         return self.x0.shape[0]
+
+    def digest(self) -> str:
+        """Content key of every cached tensor (pixels, masks, instructions, styles as encoded)."""
+        from regionroute.fingerprint import tensor_digest
+
+        return tensor_digest({f.name: getattr(self, f.name) for f in fields(self)})
 
 
 def encode_dataset(
@@ -119,15 +148,6 @@ def encode_dataset(
     )
 
 
-def _image_ids(pipe: Any, hw: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Target ids then context ids (first coordinate 1, as FluxKontextPipeline.prepare_latents)."""
-    h, w = hw[0] // 2, hw[1] // 2
-    target = pipe._prepare_latent_image_ids(1, h, w, device, dtype)  # (N, 3)
-    context = target.clone()
-    context[..., 0] = 1
-    return torch.cat([target, context], dim=0)  # (2N, 3)
-
-
 class _Step:
     """One forward of the flow-matching + attention objective on a micro-batch."""
 
@@ -142,8 +162,7 @@ class _Step:
         loss_cfg: LossConfig,
         balance_weight: float,
     ) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
+        from regionroute.flux.flow import FlowSchedule, kontext_image_ids
         from regionroute.losses import AttentionLossConfig
 
         self.transformer, self.moe, self.recorder, self.cache, self.cfg = transformer, moe, recorder, cache, cfg
@@ -151,61 +170,44 @@ class _Step:
         self.att_cfg = AttentionLossConfig(
             loss_cfg.focus_distribution, loss_cfg.tau, loss_cfg.cover_map, loss_cfg.alpha
         )
-        self.sigmas = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config).sigmas.float()
+        self.schedule = FlowSchedule(
+            pipe.scheduler.config, cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale
+        )
         self.device = next(transformer.parameters()).device
         self.dtype = next(transformer.parameters()).dtype
-        self.img_ids = _image_ids(pipe, cache.latent_hw, self.device, self.dtype)
-        self.txt_ids = torch.zeros(cache.prompt_embeds.shape[1], 3, device=self.device, dtype=self.dtype)
+        self.img_ids = kontext_image_ids(cache.latent_hw, self.device, self.dtype)
         self.supervise = loss_cfg.focus_weight > 0 or loss_cfg.cover_weight > 0
 
     def draw(self, gen: torch.Generator, batch_size: int) -> dict[str, torch.Tensor]:
         """Sample indices, noise and sigmas for one micro-batch from ``gen``."""
-        from diffusers.training_utils import compute_density_for_timestep_sampling
-
         idx = torch.randint(self.cache.n_records, (batch_size,), generator=gen)
         noise = torch.randn(self.cache.x0[idx].shape, generator=gen)
-        torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))  # for the density sampler
-        u = compute_density_for_timestep_sampling(
-            self.cfg.weighting_scheme, batch_size, self.cfg.logit_mean, self.cfg.logit_std, self.cfg.mode_scale
-        )
-        steps = (u * (len(self.sigmas) - 1)).round().long().clamp(0, len(self.sigmas) - 2)
-        return {"idx": idx, "noise": noise, "sigma": self.sigmas[steps]}
+        return {"idx": idx, "noise": noise, "sigma": self.schedule.sample(batch_size, gen)}
 
     def __call__(self, draw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from diffusers.training_utils import compute_loss_weighting_for_sd3
-
+        from regionroute.flux.flow import flow_loss, noisy, transformer_inputs
         from regionroute.losses import attention_losses
         from regionroute.metrics.attention import attention_mass_inside
 
-        c, dev, dt = self.cache, self.device, self.dtype
+        c, dev = self.cache, self.device
         idx = draw["idx"]
-        x0, noise = c.x0[idx].to(dev), draw["noise"].to(dev)
-        sigma = draw["sigma"].to(dev).view(-1, 1, 1)  # (B, 1, 1)
-        xt = (1 - sigma) * x0 + sigma * noise  # (B, N, C*4)
-        n = xt.shape[1]
-        hidden = torch.cat([xt, c.context[idx].to(dev)], dim=1).to(dt)  # (B, 2N, C*4)
-        b = hidden.shape[0]
+        x0, noise, sigma = c.x0[idx].to(dev), draw["noise"].to(dev), draw["sigma"].to(dev)
+        n = x0.shape[1]
+        b = x0.shape[0]
         self.moe.route(style_ids=c.style_ids[idx].to(dev), pooled=c.pooled[idx].to(dev))
-        kwargs = dict(
-            hidden_states=hidden,
-            timestep=sigma.view(-1).to(dt),
-            pooled_projections=c.pooled[idx].to(dev, dt),
-            encoder_hidden_states=c.prompt_embeds[idx].to(dev, dt),
-            txt_ids=self.txt_ids,
-            img_ids=self.img_ids,
-            guidance=torch.full((b,), self.cfg.guidance, device=dev, dtype=torch.float32),
-            return_dict=False,
-        )
+        kwargs = transformer_inputs(
+            noisy(x0, noise, sigma), c.context[idx].to(dev), sigma, c.prompt_embeds[idx], c.pooled[idx],
+            self.img_ids, self.cfg.guidance, self.dtype,
+        )  # fmt: skip
         if self.supervise:
             with self.recorder.capture(
                 style_mask=c.style_mask[idx].to(dev), n_text=c.prompt_embeds.shape[1], n_target=n
             ):
                 pred = self.transformer(**kwargs)[0][:, :n]
-            maps = self.recorder.maps()  # (B, N)
+            maps = self.recorder.maps()  # (B, N) float32
         else:
             pred = self.transformer(**kwargs)[0][:, :n]
-        weight = compute_loss_weighting_for_sd3(self.cfg.weighting_scheme, sigma).float()
-        flow = (weight * (pred.float() - (noise - x0)) ** 2).mean()
+        flow = flow_loss(pred, x0, noise, self.schedule.loss_weight(sigma.view(-1, 1, 1)))
         terms = {"flow": flow, "balance": self.moe.balance_loss()}
         total = flow + self.balance_weight * terms["balance"]
         if self.supervise:
@@ -235,27 +237,6 @@ def probe_attention(step_fn: _Step, n: int = 8, seed: int = 1234) -> dict[str, f
     return {k: float(terms[k]) for k in ("focus", "cover", "mass_inside")}
 
 
-def _checkpoints(ckpt_dir: Path) -> list[Path]:
-    return sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").is_file())
-
-
-#: train params that may change between a run and its resumption (the rest must match).
-_RESUMABLE = ("steps", "checkpoint_every", "keep_checkpoints", "log_every")
-
-
-def _save_checkpoint(ckpt_dir: Path, step: int, moe: Any, optimizer: Any, keep: int) -> Path:
-    from regionroute.lora_moe import save_moe
-
-    path = ckpt_dir / f"step-{step:07d}"
-    with atomic_dir(path) as tmp:
-        save_moe(moe, tmp / "moe")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        write_json(tmp / "state.json", {"step": step})
-    for old in _checkpoints(ckpt_dir)[:-keep]:
-        shutil.rmtree(old)
-    return path
-
-
 def _make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw8bit":
         if not torch.cuda.is_available():
@@ -279,42 +260,55 @@ def train(
     ckpt_dir: Path,
     live_dir: Path | None = None,
     base_model: str = "",
+    base_key: dict[str, str] | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Train the experts; write the model to ``out_dir``; return the final logged values.
 
-    The returned summary also holds ``probe_before/*`` and ``probe_after/*``: the attention
-    terms on a fixed batch (:func:`probe_attention`) at the start and at the end of this run.
+    ``base_model`` is the reference written to ``regionroute.json`` (what ``edit`` loads);
+    ``base_key`` its content key (:func:`regionroute.models.kontext.kontext_key`), part of
+    the resume key. The returned summary also holds ``probe_before/*`` and
+    ``probe_after/*``: the attention terms on a fixed batch (:func:`probe_attention`) at
+    the start and at the end of training.
 
     ``on_step(step)`` is called after each optimizer step (tests use it to simulate a kill).
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from diffusers.optimization import get_scheduler
 
+    from regionroute.checkpoint import checkpoints, load_state, save_checkpoint, trim_live_logs
+    from regionroute.fingerprint import code_digest
     from regionroute.flux.attention import StyleAttentionRecorder
     from regionroute.lora_moe import export_experts, inject_lora_moe, load_moe, save_moe
 
+    # One process may train several configurations (tests, notebooks): the precision is per run.
+    # Only the accelerator settings are reset; the process group (PartialState) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1, cpu=pipe._execution_device.type == "cpu"
     )
     transformer = pipe.transformer
     transformer.requires_grad_(False)
-    # checkpoints of another configuration are discarded, never resumed (ablations share the dir)
+    # a checkpoint is resumed only by a run that would have produced it (ablations share the dir)
     prepare_resumable_dir(
         ckpt_dir,
         {
-            "base_model": base_model,
+            "base": base_key or {"reference": base_model},
             "styles": list(styles),
             "lora": asdict(lora_cfg),
             "loss": asdict(loss_cfg),
-            "train": {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE},
-            "records": cache.n_records,
+            "train": {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_KEY},
+            "data": cache.digest(),
+            "code": code_digest(CODE_MODULES),
+            "processes": accelerator.num_processes,
         },
     )
-    ckpts = _checkpoints(ckpt_dir)
+    ckpts = checkpoints(ckpt_dir)
+    state = load_state(ckpts[-1]) if ckpts else {"step": 0, "sums": {}, "last": {}, "n_empty_total": 0.0}
+    start = int(state["step"])
     torch.manual_seed(cfg.seed)  # expert init (A ~ gaussian) is part of the run's seed
     moe = load_moe(transformer, ckpts[-1] / "moe") if ckpts else inject_lora_moe(transformer, lora_cfg, styles)
-    start = read_json(ckpts[-1] / "state.json")["step"] if ckpts else 0
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
@@ -336,9 +330,13 @@ def train(
     step_fn = _Step(pipe, transformer, moe, recorder, cache, cfg, loss_cfg, lora_cfg.balance_weight)
     # dvclive logs live beside the checkpoints (same fingerprint, survive a resume) and are
     # copied to ``live_dir`` at the end (DVC deletes stage outputs before re-running a stage)
-    live = _live(ckpt_dir / "dvclive", resume=start > 0) if accelerator.is_main_process and live_dir else None
-    sums: dict[str, float] = {}
-    last: dict[str, float] = {}
+    live = None
+    if accelerator.is_main_process and live_dir:
+        trim_live_logs(ckpt_dir / "dvclive", start)  # rows the interrupted run logged past its checkpoint
+        live = _live(ckpt_dir / "dvclive", resume=start > 0)
+    sums: dict[str, float] = dict(state["sums"])  # the current logging window (restored on resume)
+    last: dict[str, float] = dict(state["last"])
+    n_empty_total = float(state["n_empty_total"])
     probe_path = ckpt_dir / "probe_before.json"  # the probe at step 0, kept across resumptions
     if start > 0 and probe_path.is_file():
         before = read_json(probe_path)
@@ -352,13 +350,15 @@ def train(
             with accelerator.autocast():
                 terms = step_fn(step_fn.draw(gen, cfg.batch_size))
             if not torch.isfinite(terms["total"]):
-                good = _checkpoints(ckpt_dir)
+                good = checkpoints(ckpt_dir)
                 where = f"last good checkpoint: {good[-1]}" if good else "no checkpoint was written yet"
                 values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
                 raise TrainingError(f"non-finite loss at step {step + 1} ({values}); stopped, {where}")
             accelerator.backward(terms["total"] / cfg.gradient_accumulation)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.gradient_accumulation
+            for k, v in terms.items():  # n_empty: samples per step; the rest: mean over micro-batches
+                scale = 1.0 if k == "n_empty" else 1.0 / cfg.gradient_accumulation
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * scale
+            n_empty_total += float(terms.get("n_empty", 0.0))
         accelerator.clip_grad_norm_(moe.trainable_parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -366,9 +366,8 @@ def train(
         bar.update(1)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            last = {
-                k: v / (cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every) for k, v in sums.items()
-            }
+            window = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
+            last = {k: v / window for k, v in sums.items()}
             last["lr"] = scheduler.get_last_lr()[0]
             gates = moe.gate_weights()
             if gates is not None:
@@ -378,19 +377,21 @@ def train(
                 _log(live, last, done)
             sums = {}
         if accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            _save_checkpoint(ckpt_dir, done, moe, optimizer, cfg.keep_checkpoints)
+            loop_state = {"sums": sums, "last": last, "n_empty_total": n_empty_total}
+            save_checkpoint(ckpt_dir, done, moe, optimizer, loop_state, cfg.keep_checkpoints)
         if on_step is not None:
             on_step(done)
     bar.close()
     after = probe_attention(step_fn)
     summary = {
         **last,
+        "n_empty_total": n_empty_total,
         **{f"probe_before/{k}": v for k, v in before.items()},
         **{f"probe_after/{k}": v for k, v in after.items()},
     }
     if live is not None:
         for k, v in summary.items():
-            if k.startswith("probe"):
+            if k.startswith("probe") or k == "n_empty_total":
                 live.summary[k] = v
     recorder.remove(accelerator.unwrap_model(transformer))
     if accelerator.is_main_process:
@@ -425,8 +426,6 @@ def _live(live_dir: Path, resume: bool) -> Any:
 def _log(live: Any, values: dict[str, float], step: int) -> None:
     live.step = step
     for k, v in values.items():
-        if k == "n_empty":
-            continue
         live.log_metric(f"train/{k}", float(v))
     live.make_summary()  # metrics.json = the latest values
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from regionroute.config import InferConfig, ModelsConfig, load_section
+from regionroute.config import InferConfig, ModelsConfig, TrainConfig, load_section
 from regionroute.errors import exit_on_user_error
 
 
@@ -24,8 +24,22 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     models = load_section(args.params, "models", ModelsConfig)
     cfg = load_section(args.params, "infer", InferConfig)
-    from regionroute.infer import METHODS, Editor, run_method
+    trained_length = load_section(args.params, "train", TrainConfig).max_sequence_length
+    from regionroute.errors import UserError
+    from regionroute.infer import METHODS, Editor, resolve_text_length, run_method
 
+    if args.method == "regionroute":
+        from regionroute.train import read_model_config
+
+        if args.model is None:
+            raise UserError("--model: the regionroute method needs the trained model directory")
+        stored = int(read_model_config(args.model)["train"]["max_sequence_length"])
+        if cfg.max_sequence_length is None and stored != trained_length:
+            raise UserError(
+                f"{args.model}: trained with max_sequence_length {stored} but train.max_sequence_length is "
+                f"{trained_length}: re-run the train stage (dvc repro) or set infer.max_sequence_length"
+            )
+    cfg = resolve_text_length(cfg, trained_length)
     editor = None
     if args.method in METHODS and args.method != "oracle":
         from regionroute.models.kontext import load_kontext
@@ -33,14 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         pipe = load_kontext(models)
         moe = None
         if args.method == "regionroute":
-            from regionroute.errors import UserError
             from regionroute.lora_moe import load_moe
 
-            if args.model is None:
-                raise UserError("--model: the regionroute method needs the trained model directory")
             moe = load_moe(pipe.transformer, args.model / "moe")
         editor = Editor(pipe, cfg, moe=moe, merge=cfg.merge_expert)
-    n = run_method(args.method, args.records, args.out, cfg, editor, base_model=models.kontext, model_dir=args.model)
+    n = run_method(args.method, args.records, args.out, cfg, editor, models=models, model_dir=args.model)
     print(f"infer {args.method}: generated {n} images in {args.out}")
     return 0
 

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_section(args.params, "train", TrainConfig)
     import torch
 
-    from regionroute.models.kontext import load_kontext
+    from regionroute.models.kontext import kontext_key, load_kontext
     from regionroute.train import encode_dataset, train
 
     torch.manual_seed(cfg.seed)
@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     # the encoders are not needed any more (METHOD.md §2: cache once, then free them)
     pipe.vae = pipe.text_encoder = pipe.text_encoder_2 = None
     summary = train(
-        pipe, cache, data.styles, lora, loss, cfg, args.out, args.checkpoints, args.live, base_model=models.kontext
-    )
+        pipe, cache, data.styles, lora, loss, cfg, args.out, args.checkpoints, args.live,
+        base_model=models.kontext, base_key=kontext_key(models),
+    )  # fmt: skip
     shown = {k: round(v, 5) for k, v in summary.items() if k.startswith(("probe", "total"))}
     print(f"train: wrote {args.out} ({shown})")
     return 0

@@ -18,6 +18,7 @@ from tests.conftest import run_stage
 
 STYLES = ("pixel-art", "line-art")
 CFG = InferConfig(steps=5, max_sequence_length=32, batch_size=2, attention_steps=(1, 2, 3, 4, 5))
+TINY = ModelsConfig(kontext="tiny", dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def model_dir(tmp_path_factory) -> Path:
     import torch
 
     out = tmp_path_factory.mktemp("model")
-    pipe = load_kontext(ModelsConfig(kontext="tiny", dtype="float32", device="cpu"))
+    pipe = load_kontext(TINY)
     moe = inject_lora_moe(pipe.transformer, LoraConfig(), STYLES)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -64,7 +65,7 @@ def model_dir(tmp_path_factory) -> Path:
 def _editor(model_dir: Path | None = None, merge: bool = True) -> Editor:
     from regionroute.lora_moe import load_moe
 
-    pipe = load_kontext(ModelsConfig(kontext="tiny", dtype="float32", device="cpu"))
+    pipe = load_kontext(TINY)
     moe = load_moe(pipe.transformer, model_dir / "moe") if model_dir else None
     return Editor(pipe, CFG, moe=moe, merge=merge)
 
@@ -72,7 +73,7 @@ def _editor(model_dir: Path | None = None, merge: bool = True) -> Editor:
 def test_each_method_writes_one_image_per_pair_and_style(eval_records, model_dir, tmp_path):
     outs = {}
     for method, editor in (("kontext", _editor()), ("regionroute", _editor(model_dir)), ("oracle", None)):
-        n = run_method(method, eval_records, tmp_path / method, CFG, editor, model_dir=model_dir)
+        n = run_method(method, eval_records, tmp_path / method, CFG, editor, models=TINY, model_dir=model_dir)
         rows = read_jsonl(tmp_path / method / "manifest.jsonl")
         assert n == 4 and len(rows) == 4 and {r["style"] for r in rows} == set(STYLES)
         for r in rows:
@@ -148,3 +149,88 @@ def test_attention_steps_beyond_steps_is_a_config_error():
 
     with pytest.raises(ConfigError, match=r"infer\.attention_steps: step 30 is outside"):
         dataclasses.replace(CFG, attention_steps=(30,))
+
+
+@pytest.fixture(scope="module")
+def learned_model_dir(tmp_path_factory) -> Path:
+    """Experts trained with ``routing: learned``: nonzero B per expert and a nonzero MoLE gate."""
+    import torch
+
+    out = tmp_path_factory.mktemp("learned")
+    pipe = load_kontext(TINY)
+    moe = inject_lora_moe(pipe.transformer, LoraConfig(routing="learned", router_temperature=0.5), STYLES)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in moe.trainable_parameters():  # includes the gate's weight and bias
+            p.add_(torch.randn_like(p) * 0.5)
+    save_moe(moe, out / "moe")
+    write_json(out / "regionroute.json", {"base_model": "tiny", "styles": list(STYLES),
+                                          "train": {"max_sequence_length": 32}, "latent_hw": [16, 16]})  # fmt: skip
+    return out
+
+
+def test_learned_routing_is_applied_at_inference(eval_records, learned_model_dir):
+    """Output == a pipeline whose weights carry sum_e g_e (alpha/r) B_e A_e, g = the gate computed by hand."""
+    import torch
+    from safetensors.torch import load_file
+
+    from regionroute.flux.pipeline import kontext_edit
+
+    root = eval_records.parent
+    images = [read_image(root / "o0.png"), read_image(root / "o1.png")]
+    objects, seeds, style = ["dog", "cat"], [3, 4], "line-art"
+    outs, _ = _editor(learned_model_dir).edit(images, objects, style, seeds)
+
+    state = load_file(str(learned_model_dir / "moe" / "moe.safetensors"))
+    lora = LoraConfig(routing="learned", router_temperature=0.5)
+    prompts = [CFG.instruction.format(object=o, style=style) for o in objects]
+    pipe = load_kontext(TINY)
+    _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device="cpu", max_sequence_length=32)
+    gates = torch.softmax((pooled @ state["router.gate.weight"].T + state["router.gate.bias"]) / 0.5, dim=-1)
+    assert gates.shape == (2, 2) and not torch.allclose(gates[0], gates[1])  # per-sample routing
+    names = sorted({k.split(".", 1)[1].rsplit(".", 1)[0] for k in state if k.startswith("experts.")})
+    for i in range(2):
+        ref = load_kontext(TINY)
+        with torch.no_grad():
+            for name in names:
+                a, b = state[f"experts.{name}.lora_A"], state[f"experts.{name}.lora_B"]  # (E, r, in), (E, out, r)
+                delta = sum(gates[i, e] * lora.scaling * b[e] @ a[e] for e in range(len(STYLES)))
+                ref.transformer.get_submodule(name).weight.add_(delta)
+        expected = kontext_edit(ref, [images[i]], [prompts[i]], [seeds[i]], CFG.steps, CFG.guidance, 32)[0]
+        assert np.abs(outs[i].astype(int) - expected).max() <= 2
+    # and it is not what routing by the style name gives
+    hard = _editor(learned_model_dir, merge=False)
+    hard.learned = False
+    by_name, _ = hard.edit(images[:1], objects[:1], style, seeds[:1])
+    assert np.abs(by_name[0].astype(int) - outs[0]).max() > 2
+
+
+def _copy_records(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src.parent, dst)
+    return dst / src.name
+
+
+def test_changed_inputs_are_recomputed_and_nothing_else(eval_records, tmp_path):
+    records = _copy_records(eval_records, tmp_path / "eval")
+    root = records.parent
+    out = tmp_path / "kontext"
+    assert run_method("kontext", records, out, CFG, _editor(), models=TINY) == 4
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    write_image(root / "o1.png", 255 - read_image(root / "o1.png"))  # sample 1's pixels change, not its path
+    assert run_method("kontext", records, out, CFG, _editor(), models=TINY) == 2
+    for p in (out / "images").iterdir():
+        assert (p.stat().st_mtime_ns == stamps[p.name]) == p.name.startswith("000_")
+    # the oracle follows the pseudo-GT's pixels
+    assert run_method("oracle", records, tmp_path / "oracle", CFG) == 4
+    rows = read_jsonl(records)
+    write_image(root / rows[0]["pseudo_gt"], read_image(root / rows[0]["pseudo_gt"]) // 2)
+    assert run_method("oracle", records, tmp_path / "oracle", CFG) == 1
+    for r in rows:
+        np.testing.assert_array_equal(read_image(tmp_path / "oracle" / "images" / f"{r['id']}.png"),
+                                      read_image(root / r["pseudo_gt"]))  # fmt: skip
+    # a pair that disappears from the records is pruned
+    write_jsonl(records, rows[1:])
+    assert run_method("oracle", records, tmp_path / "oracle", CFG) == 0
+    assert sorted(p.stem for p in (tmp_path / "oracle" / "images").iterdir()) == sorted(r["id"] for r in rows[1:])

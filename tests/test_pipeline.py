@@ -15,10 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from regionroute.io import read_json, read_jsonl
+from regionroute.io import read_image, read_json, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
@@ -74,10 +75,34 @@ def test_dvc_pipeline_on_the_demo_in_a_fresh_clone(tmp_path):
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "demo run"], repo)  # dvc.lock + metrics, as a user would
 
+    experts = repo / "models" / "regionroute" / "moe" / "moe.safetensors"
+    before = experts.read_bytes()
     _edit_params(repo, {("composite", "method"): "alpha"})
     assert _ran(_run(["dvc", "repro", "composite"], repo)) == {"composite"}  # a composite-only param
     methods = {r["composite_method"] for r in read_jsonl(repo / "data" / "pseudo_gt" / "train" / "records.jsonl")}
     assert methods <= {"alpha", "empty"}
+    # ... whose new pseudo-GT pixels retrain from scratch: every step, other experts
+    log = _run(["dvc", "repro"], repo)
+    assert {"train", "infer@regionroute", "infer@oracle"} <= _ran(log)
+    assert read_json(repo / "dvclive" / "train" / "metrics.json")["step"] == SMALL[("train", "steps")]
+    total = (repo / "dvclive" / "train" / "plots" / "metrics" / "train" / "total.tsv").read_text().splitlines()
+    assert [int(r.split("\t")[0]) for r in total[1:]] == [5, 6]  # log_every 5, steps 6: no stale rows
+    retrained = experts.read_bytes()
+    assert retrained != before
+    _run(["rm", "-rf", "checkpoints/train"], repo)  # from scratch, same params: the same experts
+    _run(["dvc", "repro", "-f", "train"], repo)
+    assert experts.read_bytes() == retrained
+    _run(["git", "checkout", "--", "params.yaml", "dvc.lock"], repo)
+    _run(["dvc", "checkout"], repo)
+
+    # a new stylize seed: new pseudo-GT pixels, and the oracle follows them
+    _edit_params(repo, {("stylize", "seed"): 11})
+    log = _run(["dvc", "repro"], repo)
+    assert {"stylize@pixel-art", "composite", "infer@oracle", "train"} <= _ran(log)
+    eval_dir = repo / "data" / "pseudo_gt" / "eval"
+    for r in read_jsonl(eval_dir / "records.jsonl"):
+        oracle = read_image(repo / "data" / "infer" / "oracle" / "images" / f"{r['id']}.png")
+        np.testing.assert_array_equal(oracle, read_image(eval_dir / r["pseudo_gt"]))
     _run(["git", "checkout", "--", "params.yaml", "dvc.lock"], repo)
     _run(["dvc", "checkout"], repo)
 

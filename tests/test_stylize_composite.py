@@ -67,6 +67,28 @@ def test_stylize_fingerprint_change_restarts(samples, tmp_path, capsys, params_f
     assert not np.array_equal(a, read_image(img))
 
 
+def test_stylize_recomputes_exactly_the_images_whose_input_pixels_changed(samples, tmp_path, capsys):
+    from regionroute.io import write_image
+
+    params, sdir = samples
+    out = tmp_path / "st"
+    assert _stylize(params, sdir, out, "pixel-art", capsys)[0] == 0
+    images = sorted((out / "train" / "images").iterdir())
+    stamps = {p.name: p.stat().st_mtime_ns for p in images}
+    rows = read_jsonl(sdir / "train" / "manifest.jsonl")
+    changed = sdir / "train" / rows[0]["image"]  # same path and manifest, new pixels
+    write_image(changed, 255 - read_image(changed))
+    code, err = _stylize(params, sdir, out, "pixel-art", capsys)
+    assert code == 0, err
+    for p in images:
+        assert (p.stat().st_mtime_ns != stamps[p.name]) == (p.stem == rows[0]["id"]), p.name
+    # the kept images are what a from-scratch run gives
+    fresh = tmp_path / "fresh"
+    assert _stylize(params, sdir, fresh, "pixel-art", capsys)[0] == 0
+    for p in images:
+        assert np.abs(read_image(p).astype(int) - read_image(fresh / "train" / "images" / p.name)).max() <= 2
+
+
 def test_stylize_unknown_style_is_one_line(samples, tmp_path, capsys):
     params, sdir = samples
     code, err = _stylize(params, sdir, tmp_path / "x", "watercolour", capsys)

@@ -129,3 +129,83 @@ def test_stage_reports_missing_records_in_one_line(params_file, tmp_path, capsys
             "--checkpoints", str(tmp_path / "c")]  # fmt: skip
     code, err = run_stage(train_stage.main, argv, capsys)
     assert code == 2 and "nope.jsonl: file not found" in err.strip().splitlines()[-1]
+
+
+def _tsv(live: Path, name: str) -> list[tuple[int, float]]:
+    rows = (live / "plots" / "metrics" / "train" / f"{name}.tsv").read_text().splitlines()[1:]
+    return [(int(step), float(value)) for step, value in (r.split("\t") for r in rows)]
+
+
+def test_new_pseudo_gt_pixels_restart_training(encoded, tmp_path):
+    """Same records, paths and count; other pixels: every step runs again and the experts differ."""
+    from regionroute.io import read_json
+
+    _, cache = encoded
+    cfg = dataclasses.replace(CFG, steps=4)
+    train(_pipe(), cache, STYLES, LORA, LOSS, cfg, tmp_path / "m", tmp_path / "c", tmp_path / "live")
+    first = load_moe(_pipe().transformer, tmp_path / "m" / "moe").state_dict()
+    other = dataclasses.replace(cache, x0=cache.x0.flip(1))  # e.g. composite.method changed the pseudo-GT
+    steps_done = []
+    train(_pipe(), other, STYLES, LORA, LOSS, cfg, tmp_path / "m", tmp_path / "c", tmp_path / "live",
+          on_step=steps_done.append)  # fmt: skip
+    assert steps_done == [1, 2, 3, 4]
+    assert read_json(tmp_path / "live" / "metrics.json")["step"] == 4
+    assert [s for s, _ in _tsv(tmp_path / "live", "total")] == [2, 4]
+    second = load_moe(_pipe().transformer, tmp_path / "m" / "moe").state_dict()
+    assert any(not torch.equal(first[k], second[k]) for k in first if k.endswith("lora_B"))
+
+
+def test_resumed_run_logs_exactly_what_the_uninterrupted_run_logs(encoded, tmp_path):
+    _, cache = encoded
+    cfg = dataclasses.replace(CFG, log_every=1, checkpoint_every=2)
+
+    def kill_at_3(step: int) -> None:  # step 3 is logged, the last checkpoint is step 2
+        if step == 3:
+            raise _Kill
+
+    with pytest.raises(_Kill):
+        train(_pipe(), cache, STYLES, LORA, LOSS, cfg, tmp_path / "m1", tmp_path / "c1", tmp_path / "l1",
+              on_step=kill_at_3)  # fmt: skip
+    summary = train(_pipe(), cache, STYLES, LORA, LOSS, cfg, tmp_path / "m1", tmp_path / "c1", tmp_path / "l1")
+    straight = train(_pipe(), cache, STYLES, LORA, LOSS, cfg, tmp_path / "m2", tmp_path / "c2", tmp_path / "l2")
+    for name in ("total", "flow", "focus", "cover", "n_empty"):
+        resumed, ref = _tsv(tmp_path / "l1", name), _tsv(tmp_path / "l2", name)
+        assert [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6]
+        np.testing.assert_allclose([v for _, v in resumed], [v for _, v in ref], rtol=1e-5)
+    assert summary["n_empty_total"] == straight["n_empty_total"]
+
+
+def test_empty_masks_are_counted_per_step(encoded, tmp_path):
+    _, cache = encoded
+    empty = dataclasses.replace(cache, mask_grid=cache.mask_grid.clone())
+    empty.mask_grid[::2] = 0  # half the records lose their mask on the token grid
+    cfg = dataclasses.replace(CFG, steps=2, log_every=1)
+    summary = train(_pipe(), empty, STYLES, LORA, LOSS, cfg, tmp_path / "m", tmp_path / "c", tmp_path / "live")
+    counts = [v for _, v in _tsv(tmp_path / "live", "n_empty")]
+    assert len(counts) == 2 and summary["n_empty_total"] == sum(counts) > 0
+    # samples per step: at most batch_size x gradient_accumulation
+    assert all(0 <= c <= cfg.batch_size * cfg.gradient_accumulation for c in counts)
+
+
+def test_paper_training_path_bf16_checkpointing_accumulation(encoded, tmp_path, monkeypatch):
+    """bf16 autocast + gradient checkpointing + accumulation: finite, and maps float32 = fp32 maps of the same q/k."""
+    from regionroute.flux import attention
+
+    _, cache = encoded
+    checked = []
+    real = attention._layer_map
+
+    def spy(query, key, *args):
+        out = real(query, key, *args)
+        with torch.autocast("cpu", enabled=False):
+            ref = real(query.detach().float(), key.detach().float(), *args)
+        checked.append((out.dtype, float(((out.detach() - ref).abs() / ref.abs().clamp_min(1e-12)).max())))
+        return out
+
+    monkeypatch.setattr(attention, "_layer_map", spy)
+    cfg = dataclasses.replace(CFG, steps=2, mixed_precision="bf16", gradient_checkpointing=True,
+                              gradient_accumulation=2)  # fmt: skip
+    summary = train(_pipe(), cache, STYLES, LORA, LOSS, cfg, tmp_path / "m", tmp_path / "c")
+    assert all(np.isfinite(v) for v in summary.values()), summary
+    assert checked and all(dtype == torch.float32 for dtype, _ in checked)
+    assert max(err for _, err in checked) < 1e-4, max(err for _, err in checked)

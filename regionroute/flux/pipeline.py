@@ -27,16 +27,22 @@ def kontext_edit(
     steps: int,
     guidance: float,
     max_sequence_length: int,
+    embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[np.ndarray]:
-    """Edit ``images`` (uint8 (H, W, 3), one size) with ``prompts``; returns uint8 arrays of that size."""
+    """Edit ``images`` (uint8 (H, W, 3), one size) with ``prompts``; returns uint8 arrays of that size.
+
+    ``embeds``: the prompts' ``(prompt_embeds, pooled_prompt_embeds)`` when the caller
+    already encoded them (``pipe.encode_prompt``), e.g. to route a learned gate on them.
+    """
     h, w = images[0].shape[:2]
     if any(im.shape[:2] != (h, w) for im in images):
         raise ValueError("kontext_edit needs images of one size")
     device = pipe._execution_device
     gen_device = "cpu" if device.type == "cpu" else device
+    text = {"prompt": prompts} if embeds is None else {"prompt_embeds": embeds[0], "pooled_prompt_embeds": embeds[1]}
     out = pipe(
         image=[Image.fromarray(im) for im in images],
-        prompt=prompts,
+        **text,
         height=h,
         width=w,
         max_area=h * w,

@@ -12,17 +12,29 @@ if TYPE_CHECKING:
 
     from regionroute.config import ModelsConfig
 
-__all__ = ["load_kontext"]
+__all__ = ["kontext_key", "kontext_source", "load_kontext"]
+
+
+def kontext_source(cfg: ModelsConfig) -> str:
+    """The directory or hub id ``models.kontext`` resolves to (``tiny`` is built on first use)."""
+    from regionroute.tiny.kontext import TINY_KONTEXT_VERSION, save_tiny_kontext
+
+    return resolve_reference(cfg.kontext, "kontext", save_tiny_kontext, TINY_KONTEXT_VERSION)
+
+
+def kontext_key(cfg: ModelsConfig) -> dict[str, str]:
+    """Content key of the base model as loaded: its files' digest, dtype and device type."""
+    from regionroute.fingerprint import model_digest
+
+    return {"kontext": model_digest(kontext_source(cfg)), "dtype": cfg.dtype, "device": resolve_device(cfg.device).type}
 
 
 def load_kontext(cfg: ModelsConfig) -> FluxKontextPipeline:
     """Load the Kontext pipeline described by ``models`` params, on its device and dtype."""
     from diffusers import FluxKontextPipeline
 
-    from regionroute.tiny.kontext import TINY_KONTEXT_VERSION, save_tiny_kontext
-
     quiet_loading()
-    source = resolve_reference(cfg.kontext, "kontext", save_tiny_kontext, TINY_KONTEXT_VERSION)
+    source = kontext_source(cfg)
     device = resolve_device(cfg.device)
     try:
         pipe = FluxKontextPipeline.from_pretrained(source, dtype=resolve_dtype(cfg.dtype))

@@ -1,0 +1,187 @@
+"""Content keys for everything resumable: nothing is ever keyed on a path or a count.
+
+Used by ``stylize``, ``train`` and ``infer`` (resumable stage outputs) through
+:class:`ItemStore` and :func:`regionroute.io.prepare_resumable_dir`.
+
+A resumable output is valid only for the *content* of what produced it:
+
+* :func:`model_digest`: a model reference's content. A local directory (``tiny`` and
+  ``toy`` resolve to one) is hashed file by file; a hub id resolves to its cached
+  snapshot's commit (a content address), or to ``hub:<id>@unresolved`` when it is not
+  in the cache yet (the first run then downloads and the key stays stable);
+* :func:`code_digest`: the source of the modules that define a stage's result (the same
+  modules its ``dvc.yaml`` entry lists as deps; a test keeps the two in step), plus the
+  versions of the libraries that compute it (torch, diffusers, transformers, peft);
+* :func:`tensor_digest`: cached tensors (the training cache: latents, text embeddings,
+  masks), bytes and shapes;
+* :func:`file_digest`: input files (images, masks) by their bytes.
+
+:class:`ItemStore` keeps one key per output item (``<dir>/items/<id>.json``, written
+after the item's files, atomically): an item is reused only when its key equals the one
+a from-scratch run would compute now, so changing one input image recomputes that item
+and nothing else. Items no longer asked for are pruned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from regionroute.io import read_json, write_json
+
+__all__ = [
+    "ItemStore",
+    "code_digest",
+    "file_digest",
+    "json_digest",
+    "library_versions",
+    "model_digest",
+    "module_files",
+    "tensor_digest",
+    "tree_digest",
+]
+
+_CHUNK = 1 << 20
+# (path, size, mtime_ns, inode) -> sha256: a file is read once per process however often it is keyed.
+_FILE_MEMO: dict[tuple[str, int, int, int], str] = {}
+
+
+def json_digest(obj: Any) -> str:
+    """sha256 of the canonical JSON of ``obj`` (sorted keys; tuples as lists)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes."""
+    path = Path(path)
+    st = path.stat()
+    memo_key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if memo_key not in _FILE_MEMO:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            while block := fh.read(_CHUNK):
+                h.update(block)
+        _FILE_MEMO[memo_key] = h.hexdigest()
+    return _FILE_MEMO[memo_key]
+
+
+def tree_digest(root: str | os.PathLike[str], exclude: Iterable[str] = (".complete",)) -> str:
+    """sha256 over the relative paths and bytes of every file below ``root`` (hidden files skipped)."""
+    root = Path(root)
+    skip = set(exclude)
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel in skip or any(part.startswith(".") for part in Path(rel).parts):
+            continue
+        h.update(rel.encode() + b"\0" + file_digest(path).encode() + b"\n")
+    return h.hexdigest()
+
+
+def model_digest(source: str) -> str:
+    """Content key of a resolved model reference (a directory, or a hub id)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return "dir:" + tree_digest(path)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "model_index.json")
+    except Exception:  # an unusual id or cache layout: fall back to the id (still no path or count)
+        cached = None
+    if isinstance(cached, str):
+        return f"hub:{source}@{Path(cached).parent.name}"  # .../snapshots/<commit>/model_index.json
+    return f"hub:{source}@unresolved"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose numerics a result depends on."""
+    import diffusers
+    import peft
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+def module_files(modules: Iterable[str]) -> list[Path]:
+    """Source files of dotted module names; ``pkg.*`` means every file of a package."""
+    files: set[Path] = set()
+    for name in modules:
+        whole = name.endswith(".*")
+        mod = importlib.import_module(name.removesuffix(".*"))
+        origin = Path(mod.__file__ or "")
+        files.update(sorted(origin.parent.rglob("*.py")) if whole else [origin])
+    return sorted(files)
+
+
+def code_digest(modules: Iterable[str]) -> str:
+    """sha256 of the source files of ``modules`` (see :func:`module_files`) and of the library versions."""
+    h = hashlib.sha256()
+    for f in module_files(modules):
+        h.update(f"{f.parent.name}/{f.name}\0".encode() + file_digest(f).encode() + b"\n")
+    h.update(json_digest(library_versions()).encode())
+    return h.hexdigest()
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor | tuple | list]) -> str:
+    """sha256 of named tensors' dtypes, shapes and bytes (other values by their JSON)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name]
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(f"{name}:{json_digest(value)}\0".encode())
+    return h.hexdigest()
+
+
+class ItemStore:
+    """Per-item content keys of a resumable output directory.
+
+    ``done(id, key)`` is true when the item's marker holds ``key`` (and its files were
+    therefore completely written for exactly these inputs); ``mark(id, key)`` is called
+    after the item's files; ``prune(ids, subdirs)`` deletes the files and markers of
+    items that are no longer asked for.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.markers = self.root / "items"
+
+    def done(self, item_id: str, key: str, files: Iterable[str] = ()) -> bool:
+        """The item was completed for ``key`` and its ``files`` (relative to the root) all exist."""
+        marker = self.markers / f"{item_id}.json"
+        if not marker.is_file() or read_json(marker).get("key") != key:
+            return False
+        return all((self.root / f).is_file() for f in files)
+
+    def mark(self, item_id: str, key: str) -> None:
+        write_json(self.markers / f"{item_id}.json", {"key": key})
+
+    def prune(self, keep: Iterable[str], subdirs: Iterable[str]) -> int:
+        """Remove outputs (``<subdir>/<id>.*``) and markers of ids not in ``keep``; returns how many."""
+        keep = set(keep)
+        removed = 0
+        for sub in [*subdirs, "items"]:
+            folder = self.root / sub
+            if not folder.is_dir():
+                continue
+            for f in folder.iterdir():
+                if f.is_file() and f.name.split(".", 1)[0] not in keep:
+                    f.unlink()
+                    removed += sub == "items"
+        return removed
