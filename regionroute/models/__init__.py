@@ -1,9 +1,15 @@
 """Model loading, in one place: every model reference is resolved here.
 
-A reference is ``"tiny"`` (a toy model built in code, saved once to the cache and
-loaded back through ``from_pretrained``), a local directory, or a hub id (which needs
-the weights in the local Hugging Face cache, or network access). Later stages add
-CLIP, LPIPS and the VLM judge with the same resolution rules.
+A reference is one of:
+
+* ``"tiny"``: a random model built in code, saved once to the cache and loaded back
+  through ``from_pretrained`` (unit tests only: its outputs are noise);
+* ``"toy"``: the toy world's trained miniature, committed in the repository under
+  ``toy/models/<name>`` (built by ``toy/dvc.yaml``), loaded as a local directory;
+* a local directory;
+* a hub id (which needs the weights in the local Hugging Face cache, or network access).
+
+Kontext, CLIP, LPIPS and the VLM judge follow the same rules.
 """
 
 from __future__ import annotations
@@ -18,9 +24,33 @@ import torch
 
 from regionroute.errors import UserError
 
-__all__ = ["DTYPES", "cache_dir", "quiet_loading", "resolve_device", "resolve_dtype", "resolve_reference"]
+__all__ = [
+    "DTYPES",
+    "TINY",
+    "TOY",
+    "cache_dir",
+    "quiet_loading",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_reference",
+    "toy_dir",
+]
 
 TINY = "tiny"
+TOY = "toy"
+#: The repository checkout this package lives in (the toy models are committed there).
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def toy_dir(name: str) -> Path:
+    """``toy/models/<name>`` of the repository; a missing one is a one-line :class:`UserError`."""
+    path = REPO_ROOT / "toy" / "models" / name
+    if not path.is_dir():
+        raise UserError(
+            f"model reference 'toy': {path} does not exist (the toy models are committed in the repository; "
+            "rebuild them with `dvc repro --force toy/dvc.yaml`)"
+        )
+    return path
 
 
 def cache_dir() -> Path:
@@ -32,10 +62,13 @@ def cache_dir() -> Path:
 def resolve_reference(ref: str, name: str, build: Callable[[Path], object], version: str) -> str:
     """Turn a model reference into something ``from_pretrained`` accepts.
 
-    ``"tiny"`` builds the toy model into the cache once (atomically: built in a
-    temporary directory, then renamed) and returns that directory; a local directory
-    is returned as is; anything else is taken as a hub id.
+    ``"tiny"`` builds the tiny model into the cache once (atomically: built in a
+    temporary directory, then renamed) and returns that directory; ``"toy"`` is the
+    repository's ``toy/models/<name>``; a local directory is returned as is; anything
+    else is taken as a hub id.
     """
+    if ref == TOY:
+        return str(toy_dir(name))
     if ref == TINY:
         target = cache_dir() / f"tiny-{name}-v{version}"
         if not (target / ".complete").is_file():

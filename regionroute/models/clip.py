@@ -3,7 +3,9 @@
 Used by the ``score`` stage through :class:`regionroute.metrics.rses.RSESScorer`. A
 reference is one of:
 
-* ``"tiny"``: the toy CLIP of :mod:`regionroute.tiny.clip`, built once into the cache;
+* ``"tiny"``: the random tiny CLIP of :mod:`regionroute.tiny.clip`, built once into the cache;
+* ``"toy"``: the toy world's judge, trained contrastively on styled regions
+  (``toy/models/clip``, built by ``toy/dvc.yaml``);
 * a local directory holding ``open_clip_config.json`` + weights (open_clip's
   ``local-dir:`` layout, as ``hf-hub`` repositories ship);
 * ``"hf-hub:org/repo"``;
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 
 from regionroute.errors import UserError
-from regionroute.models import TINY, resolve_device, resolve_reference
+from regionroute.models import TINY, TOY, resolve_device, resolve_reference, toy_dir
 
 __all__ = ["load_clip"]
 
@@ -36,6 +38,8 @@ def _split_spec(ref: str) -> tuple[str, dict[str, Any]]:
 
     if ref == TINY:
         return "local-dir:" + resolve_reference(ref, "clip", save_tiny_clip, TINY_CLIP_VERSION), {}
+    if ref == TOY:
+        return f"local-dir:{toy_dir('clip')}", {}
     if ref.startswith("hf-hub:"):
         return ref, {}
     path = Path(ref).expanduser()

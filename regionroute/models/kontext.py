@@ -33,6 +33,8 @@ def load_kontext(cfg: ModelsConfig) -> FluxKontextPipeline:
     """Load the Kontext pipeline described by ``models`` params, on its device and dtype."""
     from diffusers import FluxKontextPipeline
 
+    import regionroute.toy.latent  # noqa: F401  (the toy base's latent class, resolved from sys.modules)
+
     quiet_loading()
     source = kontext_source(cfg)
     device = resolve_device(cfg.device)

@@ -1,0 +1,91 @@
+"""The toy world's "VAE": an exactly invertible latent that FluxKontextPipeline uses as it uses a VAE.
+
+Part of the toy Kontext base (:mod:`regionroute.toy.base`). Instead of a learned
+autoencoder (a 3-minute tiny ``AutoencoderKL`` reconstructs 64 px scenes at only ~23 dB,
+blurring line-art), the latent is a fixed rearrangement of the pixels:
+
+    encode:  x in [-1, 1], (B, 3, H, W) -> pixel_unshuffle by ``factor`` -> (B, 3 f^2, H/f, W/f)
+    decode:  pixel_shuffle, the exact inverse (a permutation of the values)
+
+then the pipeline's own ``(z - shift_factor) * scaling_factor`` and 2x2 packing. With
+``factor = 4`` a 64 px image becomes a 16 x 16 x 48 latent and 8 x 8 = 64 tokens of 192
+channels, one token per 8 x 8 pixel patch. ``scaling_factor`` is a power of two and
+``shift_factor`` 0, so ``decode(encode(x)) == x`` bit for bit (tested through
+``FluxKontextPipeline``).
+
+The class follows the parts of ``AutoencoderKL``'s interface that the pipeline and the
+training code use: ``config.block_out_channels`` (its length sets ``vae_scale_factor =
+2 ** (len - 1)`` = ``factor``), ``config.latent_channels``, ``config.scaling_factor``,
+``config.shift_factor``, ``encode(x).latent_dist.mode()`` / ``.sample()``,
+``decode(z, return_dict=False)[0]``. It is a ``ModelMixin``/``ConfigMixin``, saved by
+``save_pretrained`` under this module's path in ``model_index.json``; loading a pipeline
+that names it imports this module first (:func:`regionroute.models.kontext.load_kontext`
+does), as diffusers resolves components outside its own libraries from ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import ModelMixin  # diffusers' loader looks the base class up in this module's namespace
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput
+
+__all__ = ["PixelShuffleLatent", "PixelShuffleVAE"]
+
+
+@dataclass
+class PixelShuffleLatent:
+    """What ``encode`` returns as ``latent_dist``: a point mass (mode == sample == the latent)."""
+
+    latent: torch.Tensor
+
+    def mode(self) -> torch.Tensor:
+        return self.latent
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.latent
+
+
+@dataclass
+class _EncoderOutput:
+    latent_dist: PixelShuffleLatent
+
+
+class PixelShuffleVAE(ModelMixin, ConfigMixin):
+    """Pixel (un)shuffle as a VAE: ``factor`` = 2 ** (len(block_out_channels) - 1)."""
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        block_out_channels: tuple[int, ...] = (48, 48, 48),
+        latent_channels: int = 48,
+        scaling_factor: float = 2.0,
+        shift_factor: float = 0.0,
+    ) -> None:
+        super().__init__()
+        factor = 2 ** (len(block_out_channels) - 1)
+        if latent_channels != in_channels * factor * factor:
+            raise ValueError(f"latent_channels must be in_channels * factor^2 = {in_channels * factor**2}")
+        self.factor = factor
+        # No weights. One saved buffer, so that save_pretrained writes a weights file the loader
+        # expects and .dtype / .device / .to() behave as for any model.
+        self.register_buffer("unit", torch.ones(()))
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> _EncoderOutput | tuple[PixelShuffleLatent]:
+        """(B, C, H, W) -> latent_dist with mode (B, C f^2, H/f, W/f)."""
+        dist = PixelShuffleLatent(F.pixel_unshuffle(x, self.factor))
+        return _EncoderOutput(dist) if return_dict else (dist,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
+        """(B, C f^2, h, w) -> (B, C, h f, w f), the exact inverse of :meth:`encode`."""
+        x = F.pixel_shuffle(z, self.factor)
+        return DecoderOutput(sample=x) if return_dict else (x,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x).latent_dist.mode(), return_dict=False)[0]

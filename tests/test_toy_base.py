@@ -1,0 +1,66 @@
+"""The toy Kontext base: an exact latent through FluxKontextPipeline, the real classes, 'toy' resolution."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from regionroute.config import ModelsConfig
+from regionroute.errors import UserError
+from regionroute.toy.base import BaseConfig, build_toy_kontext
+
+SMALL = BaseConfig(attention_head_dim=16, num_attention_heads=2, max_sequence_length=16)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("toy") / "kontext"
+    build_toy_kontext(SMALL).save_pretrained(path)
+    return path
+
+
+def test_latent_round_trips_exactly_through_the_pipeline(saved):
+    from regionroute.models.kontext import load_kontext
+
+    pipe = load_kontext(ModelsConfig(kontext=str(saved), dtype="float32", device="cpu"))
+    assert type(pipe.vae).__name__ == "PixelShuffleVAE" and pipe.vae_scale_factor == 4
+    img = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    x = pipe.image_processor.preprocess(Image.fromarray(img), height=64, width=64)
+    lat = pipe._encode_vae_image(x, generator=None)  # (1, 48, 16, 16)
+    packed = pipe._pack_latents(lat, 1, *lat.shape[1:])
+    assert packed.shape == (1, 64, 192)  # 8 x 8 tokens, one per 8 x 8 pixel patch
+    z = pipe._unpack_latents(packed, 64, 64, pipe.vae_scale_factor) / pipe.vae.config.scaling_factor
+    back = pipe.image_processor.postprocess(pipe.vae.decode(z, return_dict=False)[0], output_type="np")[0]
+    np.testing.assert_array_equal(np.round(back * 255).astype(np.uint8), img)
+
+
+def test_toy_pipeline_edits_at_its_own_size(saved):
+    from regionroute.flux.pipeline import kontext_edit
+    from regionroute.models.kontext import load_kontext
+
+    pipe = load_kontext(ModelsConfig(kontext=str(saved), dtype="float32", device="cpu"))
+    img = np.zeros((64, 64, 3), np.uint8)
+    out = kontext_edit(pipe, [img, img], ["make the dog into pixel-art style"] * 2, [0, 1], 2, 2.5, 16)
+    assert [o.shape for o in out] == [(64, 64, 3)] * 2
+    assert pipe.transformer.config.in_channels == 192 and pipe.transformer.config.num_layers == 2
+
+
+def test_rope_axes_and_config_validation():
+    from regionroute.toy.base import _rope_axes
+
+    assert sum(_rope_axes(64)) == 64 and _rope_axes(128) == (16, 56, 56)
+    with pytest.raises(UserError, match="size"):
+        BaseConfig(size=60)
+
+
+def test_toy_reference_names_the_missing_directory(monkeypatch, tmp_path):
+    from regionroute import models
+
+    monkeypatch.setattr(models, "REPO_ROOT", tmp_path)
+    with pytest.raises(UserError, match=r"toy/models/kontext does not exist.*dvc repro --force toy/dvc.yaml"):
+        models.resolve_reference("toy", "kontext", lambda p: None, "1")
+    (tmp_path / "toy" / "models" / "kontext").mkdir(parents=True)
+    assert models.resolve_reference("toy", "kontext", lambda p: None, "1") == str(tmp_path / "toy/models/kontext")
+    torch.manual_seed(0)
