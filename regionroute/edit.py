@@ -2,7 +2,8 @@
 
 The base pipeline is the model reference saved in the model directory's
 ``regionroute.json`` (hub id, local path or ``tiny``); the experts come from its ``moe/``.
-Large inputs are resized (aspect kept, sides multiples of 16) to at most ``max_area``
+Large inputs are resized (aspect kept, sides multiples of 16, a multiple of every token size
+here) to at most ``max_area``
 pixels, by default the training resolution's area.
 """
 
@@ -68,9 +69,10 @@ def edit_image(
     if not obj.strip():
         raise UserError("--object: must be a non-empty word, e.g. 'dog'")
     image = read_image(image_path)
-    if max_area is None:
+    pipe = load_kontext(ModelsConfig(kontext=config["base_model"], dtype=dtype, device=device))
+    if max_area is None:  # the training images' area: latent size x the VAE's factor
         lh, lw = config.get("latent_hw", [64, 64])
-        max_area = lh * 8 * lw * 8
+        max_area = lh * lw * pipe.vae_scale_factor**2
     image = fit_to_area(image, max_area)
     base = InferConfig()
     n_steps = steps or base.steps
@@ -80,7 +82,6 @@ def edit_image(
         max_sequence_length=max_sequence_length or int(config["train"]["max_sequence_length"]),
         attention_steps=tuple(s for s in base.attention_steps if s <= n_steps) or (n_steps,),
     )
-    pipe = load_kontext(ModelsConfig(kontext=config["base_model"], dtype=dtype, device=device))
     instruction = cfg.instruction.format(object=obj, style=style)
     try:
         find_style_span(pipe.tokenizer_2, instruction, obj, cfg.max_sequence_length)

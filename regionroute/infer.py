@@ -81,6 +81,11 @@ class Editor:
             self.moe.unmerge()
             self._merged = None
 
+    def detach(self) -> None:
+        """:meth:`close`, and give the transformer its original attention processors back."""
+        self.close()
+        self.recorder.remove(self.pipe.transformer)
+
     def _route(self, style: str, prompts: list[str], n: int, device: Any) -> tuple[Any, Any] | None:
         """Route the experts for one batch; returns the prompts' embeddings when they were computed here."""
         if self.moe is None:
@@ -125,7 +130,8 @@ class Editor:
         prompts = [self.cfg.instruction.format(object=o, style=style) for o in objects]
         L = self.cfg.max_sequence_length
         style_mask = style_token_mask(self.pipe.tokenizer_2, prompts, [style] * len(prompts), L)
-        grid = (h // 16, w // 16)
+        patch = 2 * self.pipe.vae_scale_factor  # pixels per token side: 16 for Kontext, 8 for the toy base
+        grid = (h // patch, w // patch)
         device = self.pipe._execution_device
         embeds = self._route(style, prompts, len(images), device)
         with self.recorder.capture(style_mask=style_mask.to(device), n_text=L, n_target=grid[0] * grid[1]):

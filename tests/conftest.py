@@ -14,10 +14,10 @@ DEMO = ROOT / "data" / "demo"
 
 @pytest.fixture
 def params_file(tmp_path: Path):
-    """Return ``make(**overrides)`` writing params.yaml (demo config) with section overrides."""
+    """Return ``make(**overrides)`` writing params.yaml (configs/demo.yaml: tiny models) with section overrides."""
 
     def make(**sections: dict) -> Path:
-        raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+        raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
         raw["data"]["root"] = str(DEMO)
         for name, values in sections.items():
             if values is None:

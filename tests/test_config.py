@@ -22,17 +22,20 @@ def _keys(d: object, prefix: str = "") -> set[str]:
     return out
 
 
-def test_demo_and_paper_configs_validate_with_same_structure():
-    demo = load_params(ROOT / "params.yaml")
+def test_shipped_configs_validate_with_same_structure():
+    """params.yaml (the default), configs/demo.yaml and configs/paper.yaml: one structure, one switch apart."""
+    demo = load_params(ROOT / "configs" / "demo.yaml")
     paper = load_params(ROOT / "configs" / "paper.yaml")
+    load_params(ROOT / "params.yaml")
     assert demo.models.kontext == "tiny"
     assert paper.models.kontext == "black-forest-labs/FLUX.1-Kontext-dev"
     assert paper.sample.resolution == 1024 and paper.data.splits["train"].num == 150
     assert paper.data.styles == ("pixel-art", "cyberpunk", "expressionism", "line-art")
-    raw_demo = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = {name: yaml.safe_load((ROOT / name).read_text()) for name in ("params.yaml", "configs/demo.yaml")}
     raw_paper = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
-    assert _keys(raw_demo) == _keys(raw_paper)
-    assert set(raw_demo) == set(SECTIONS)
+    for config in raw.values():
+        assert _keys(config) == _keys(raw_paper)
+        assert set(config) == set(SECTIONS)
 
 
 @pytest.mark.parametrize(
