@@ -1,0 +1,233 @@
+"""Pretraining the toy Kontext base with flow matching, on scenes generated on the fly.
+
+The toy pipeline's ``base`` stage. Reuses the training building blocks of the main
+``train`` stage (:mod:`regionroute.flux.flow`: timestep sampling, noising, the
+``[text | target | context]`` sequence with Kontext's ids, the weighted flow loss), so
+the base learns exactly the input convention RegionRoute later fine-tunes on.
+
+Each sample is a fresh procedural scene (:mod:`regionroute.toy.scenes`) and one of three
+edits, which make the paper's premise true by construction:
+
+* ``"make the image into {style} style"`` -> the style filter of the whole image
+  (:mod:`regionroute.toy.filters`): the base learns the four styles, as Kontext did;
+* ``"make the {object} into {style} style"`` -> also the filter of the WHOLE image: like
+  real Kontext, the base stylizes globally even when an object is named;
+* ``"make the {object} {colour}"`` -> only that category's instances recoloured: the
+  base grounds object words (real Kontext can make local non-style edits).
+
+The style filters are used here only; the main pipeline never calls them (its pseudo-GT
+comes from the base's own global stylization, as the paper's comes from Kontext's).
+
+Text embeddings of every possible instruction are computed once (the text encoders are
+frozen). Every step's scenes, tasks, noise and sigmas come from generators seeded by
+``(seed, step)``, so a run resumed from a checkpoint (every ``checkpoint_every`` steps,
+keyed on params and code like the main stage's) ends where an uninterrupted one ends.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from regionroute.io import atomic_dir, prepare_resumable_dir, read_json, write_json
+from regionroute.toy.base import BaseConfig
+
+__all__ = ["CODE_MODULES", "PromptTable", "make_batch", "pretrain"]
+
+#: Modules that define the trained base (the regionroute/ deps of the toy ``base`` stage).
+CODE_MODULES: tuple[str, ...] = (
+    "regionroute.toy.pretrain",
+    "regionroute.toy.base",
+    "regionroute.toy.latent",
+    "regionroute.toy.scenes",
+    "regionroute.toy.filters",
+    "regionroute.flux.flow",
+    "regionroute.tiny.kontext",
+    "regionroute.tiny.text",
+)
+
+
+class PromptTable:
+    """Every instruction of the toy world, encoded once: T5 (P, L, D) and pooled CLIP (P, Dp)."""
+
+    def __init__(self, pipe: Any, objects: list[str], colours: list[str], styles: list[str], length: int) -> None:
+        prompts = [f"make the image into {s} style" for s in styles]
+        prompts += [f"make the {o} into {s} style" for o in objects for s in styles]
+        prompts += [f"make the {o} {c}" for o in objects for c in colours]
+        self.prompts = prompts
+        self.index = {p: i for i, p in enumerate(prompts)}
+        with torch.no_grad():
+            embeds, pooled, _ = pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, device=torch.device("cpu"), max_sequence_length=length
+            )
+        self.embeds, self.pooled = embeds.float(), pooled.float()
+
+    def lookup(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.tensor([self.index[p] for p in prompts])
+        return self.embeds[idx], self.pooled[idx]
+
+
+def make_batch(rng: np.random.Generator, cfg: BaseConfig, n: int) -> dict[str, Any]:
+    """``n`` scenes with an edit each: context and target images (n, 3, S, S) in [0, 1], prompts, tasks."""
+    from regionroute.toy.filters import STYLES, apply_style, recolour
+    from regionroute.toy.scenes import COLOURS, render_batch
+
+    scenes = render_batch(rng, n, cfg.size)
+    x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255  # (n, 3, S, S)
+    p_colour = 1.0 - cfg.p_global - cfg.p_object_style
+    tasks = rng.choice(3, size=n, p=[cfg.p_global, cfg.p_object_style, p_colour])  # 0 image, 1 object style, 2 colour
+    styles = rng.integers(len(STYLES), size=n)
+    target = x.clone()
+    prompts: list[str] = [""] * n
+    for s, style in enumerate(STYLES):
+        idx = np.flatnonzero((tasks < 2) & (styles == s))
+        if idx.size:
+            target[idx] = apply_style(x[idx], style)
+    colour_names = list(COLOURS)
+    recol = np.flatnonzero(tasks == 2)
+    masks = torch.zeros(len(recol), cfg.size, cfg.size, dtype=torch.bool)
+    rgb = torch.zeros(len(recol), 3)
+    for j, i in enumerate(recol):
+        scene = scenes[i]
+        k = int(rng.integers(len(scene.objects)))
+        obj = scene.objects[k]
+        same = [m for m, o in zip(scene.masks, scene.objects, strict=True) if o == obj]  # every instance named
+        masks[j] = torch.from_numpy(np.any(same, axis=0))
+        choices = [c for c in colour_names if c != scene.colours[k]]
+        colour = choices[int(rng.integers(len(choices)))]
+        rgb[j] = torch.tensor(COLOURS[colour], dtype=torch.float32) / 255
+        prompts[i] = f"make the {obj} {colour}"
+    if recol.size:
+        target[recol] = recolour(x[recol], masks, rgb)
+    for i in np.flatnonzero(tasks < 2):
+        style = STYLES[int(styles[i])]
+        if tasks[i] == 0:
+            prompts[i] = f"make the image into {style} style"
+        else:
+            obj = scenes[i].objects[int(rng.integers(len(scenes[i].objects)))]
+            prompts[i] = f"make the {obj} into {style} style"
+    return {"context": x, "target": target, "prompts": prompts, "tasks": torch.from_numpy(tasks)}
+
+
+def encode_images(pipe: Any, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) in [0, 1] -> packed latents (B, N, C) exactly as the pipeline encodes an image."""
+    vae = pipe.vae
+    z = vae.encode(images * 2 - 1).latent_dist.mode()
+    z = (z - vae.config.shift_factor) * vae.config.scaling_factor  # (B, C, h, w)
+    b, c, h, w = z.shape
+    return pipe._pack_latents(z, b, c, h, w)
+
+
+def _checkpoint(ckpt_dir: Path, step: int, transformer: Any, optimizer: Any, sums: dict[str, float]) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_dir(ckpt_dir / f"step-{step:07d}") as tmp:
+        save_file(
+            {k: v.contiguous() for k, v in transformer.state_dict().items()}, str(tmp / "transformer.safetensors")
+        )
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        write_json(tmp / "state.json", {"step": step, "sums": sums})
+    for old in sorted(ckpt_dir.glob("step-*"))[:-1]:
+        shutil.rmtree(old)
+
+
+def pretrain(pipe: Any, cfg: BaseConfig, out_dir: Path, ckpt_dir: Path, live_dir: Path | None = None) -> dict:
+    """Train ``pipe.transformer``; save the whole pipeline to ``out_dir``; return the last logged values."""
+    from diffusers.optimization import get_scheduler
+    from safetensors.torch import load_file
+
+    from regionroute.checkpoint import trim_live_logs
+    from regionroute.fingerprint import code_digest
+    from regionroute.flux.flow import FlowSchedule, flow_loss, kontext_image_ids, noisy, transformer_inputs
+    from regionroute.toy.filters import STYLES
+    from regionroute.toy.scenes import CATEGORIES, COLOURS
+
+    prepare_resumable_dir(ckpt_dir, {"base": asdict(cfg), "code": code_digest(CODE_MODULES)})
+    transformer = pipe.transformer
+    table = PromptTable(pipe, [c[1] for c in CATEGORIES], list(COLOURS), list(STYLES), cfg.max_sequence_length)
+    schedule = FlowSchedule(pipe.scheduler.config)
+    grid = cfg.size // cfg.latent_factor  # unpacked latent side
+    img_ids = kontext_image_ids((grid, grid), torch.device("cpu"), torch.float32)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+    ckpts = sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").is_file())
+    start, sums = 0, {}
+    if ckpts:
+        transformer.load_state_dict(load_file(str(ckpts[-1] / "transformer.safetensors")))
+        optimizer.load_state_dict(torch.load(ckpts[-1] / "optimizer.pt", weights_only=True))
+        state = read_json(ckpts[-1] / "state.json")
+        start, sums = int(state["step"]), dict(state["sums"])
+        for _ in range(start):
+            scheduler.step()
+    live = None
+    if live_dir is not None:
+        from dvclive import Live
+
+        trim_live_logs(ckpt_dir / "dvclive", start)
+        live = Live(dir=str(ckpt_dir / "dvclive"), resume=start > 0, save_dvc_exp=False, dvcyaml=None)
+    transformer.train()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
+    last: dict[str, float] = {}
+    lo, hi = cfg.guidance_range
+    for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="toy base", unit="step"):
+        rng = np.random.default_rng([cfg.seed, step])
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        batch = make_batch(rng, cfg, cfg.batch_size)
+        with torch.no_grad():
+            x0, context = encode_images(pipe, batch["target"]), encode_images(pipe, batch["context"])
+        embeds, pooled = table.lookup(batch["prompts"])
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = schedule.sample(cfg.batch_size, gen)
+        guidance = lo + (hi - lo) * torch.rand(cfg.batch_size, generator=gen)
+        kwargs = transformer_inputs(
+            noisy(x0, noise, sigma), context, sigma, embeds, pooled, img_ids, guidance, torch.float32
+        )
+        with autocast:
+            pred = transformer(**kwargs)[0][:, : x0.shape[1]]
+        per = ((pred.float() - (noise - x0)) ** 2).mean(dim=(1, 2))  # (B,) for the per-task logs
+        loss = flow_loss(pred, x0, noise, schedule.loss_weight(sigma.view(-1, 1, 1)))
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"toy base: non-finite loss at step {step + 1}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+        for t, name in enumerate(("loss_image_style", "loss_object_style", "loss_colour")):
+            sel = batch["tasks"] == t
+            if bool(sel.any()):
+                sums[name] = sums.get(name, 0.0) + float(per[sel].mean())
+                sums[name + "_n"] = sums.get(name + "_n", 0.0) + 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            window = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
+            last = {"loss": sums["loss"] / window, "lr": scheduler.get_last_lr()[0]}
+            for name in ("loss_image_style", "loss_object_style", "loss_colour"):
+                if sums.get(name + "_n"):
+                    last[name] = sums[name] / sums[name + "_n"]
+            if live is not None:
+                live.step = done
+                for k, v in last.items():
+                    live.log_metric(f"base/{k}", v)
+                live.make_summary()
+            sums = {}
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            _checkpoint(ckpt_dir, done, transformer, optimizer, sums)
+    transformer.eval()
+    save_dtype = torch.bfloat16 if cfg.save_dtype == "bfloat16" else torch.float32
+    with atomic_dir(out_dir) as tmp:
+        transformer.to(save_dtype)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        transformer.to(torch.float32)
+    if live is not None:
+        live.end()
+        with atomic_dir(live_dir) as tmp:
+            shutil.copytree(ckpt_dir / "dvclive", tmp, dirs_exist_ok=True)
+    return last
