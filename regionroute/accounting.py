@@ -211,7 +211,7 @@ class Accounting:
         out = asdict(self)
         out["lora"] = {k: v for k, v in self.lora.items() if k != "trainable_shapes"}
         for name, stage in self.stages.items():
-            out["stages"][name]["total"] = stage.total
+            out["stages"][name] |= {"tensors": stage.tensors, "total": stage.total}
         return out
 
 
@@ -345,6 +345,7 @@ def account(
             enc = encoders(enc_batch, tr.max_sequence_length, False)
             encode_phase = None if biggest(enc) is None else pipe_weights + biggest(enc)
             parts: dict[str, int | None] = {f"encode_{k}": v for k, v in enc.items()}
+            parts["encode_weights"] = pipe_weights
             parts["encode_phase"] = encode_phase
             act = flux(call(tr.gradient_checkpointing))
             parts["transformer"] = act
@@ -422,5 +423,5 @@ def _score(
         "vlm_vision_estimate": patches * (6 * hid + 3 * inter) * vb if activations else None,
     }  # fmt: skip
     acts = None if any(v is None for v in parts.values()) else max(parts.values())
-    sources = {"clip": sc.clip, "lpips": net, "vlm": sc.vlm}
+    sources = {"clip": sc.clip, "lpips": "tiny (alex, random trunk)" if sc.lpips == "tiny" else net, "vlm": sc.vlm}
     return StageMemory("score", weights, 0, acts, detail=parts), sources, counts

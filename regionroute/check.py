@@ -144,11 +144,15 @@ def check_memory(params: Params, accounting: Any, stages: tuple[str, ...] = GPU_
             continue
         fix = _SHRINK[stage]
         alt = mem.detail.get("transformer_checkpointing_on")
-        fixed = mem.weights + mem.trainable + (mem.reserve if device == "cuda" else 0)
+        reserve = mem.reserve if device == "cuda" else 0
+        fixed = max(mem.weights + mem.trainable, mem.detail.get("encode_weights") or 0) + reserve
+        encode = mem.detail.get("encode_phase") or 0
         if fixed > free:
             fix = f"the weights alone need {_gib(fixed)}: a device with more memory"
             if device == "cpu" and key == "models.device":
                 fix += " (models.device: auto found no CUDA device)"
+        elif encode + reserve > free and encode > mem.weights + mem.trainable + mem.activations:
+            fix = f"encoding the dataset needs {_gib(encode + reserve)}: all weights + the VAE on 8 images at once"
         elif stage == "train" and not params.train.gradient_checkpointing and alt is not None:
             fix = f"set train.gradient_checkpointing: true (activations {_gib(alt)}), or {fix}"
         out.append(
@@ -362,7 +366,7 @@ def format_accounting(acc: Any, params: Params | None = None) -> str:
         "|---" * 7 + "|",
     ]
     for name, s in acc.stages.items():
-        parts = {k: v for k, v in s.detail.items() if v is not None and not k.startswith("transformer_")}
+        parts = {k: v for k, v in s.detail.items() if v is not None and not k.startswith(("transformer_", "encode_w"))}
         top = max(parts, key=parts.get) if parts else "-"
         if top == "encode_phase":  # the encoders' phase of training is the larger one
             encoders = {k: v for k, v in parts.items() if k.startswith("encode_") and k != "encode_phase"}
