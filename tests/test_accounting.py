@@ -248,3 +248,12 @@ def test_demo_accounting_is_complete(tmp_path, monkeypatch):
     assert train.detail["transformer_checkpointing_on"] < train.detail["transformer_checkpointing_off"]
     again = account(load_params(ROOT / "params.yaml"))  # from the cache written by the first call
     assert again.to_dict() == acc.to_dict() and list((tmp_path / "regionroute" / "accounting").glob("*.json"))
+
+
+@pytest.mark.slow
+def test_fake_trace_equals_real_cpu_trace_at_the_real_width():
+    """One double and one single FLUX.1-Kontext block at the real width (3072, 24 heads of 128, T5 width 4096)."""
+    cfg = dict(FLUX_KONTEXT_DEV["transformer"], num_layers=1, num_single_layers=1)
+    call = FluxCall(2, 16, (8, 8), True, True, torch.bfloat16, _lora(), STYLES, ("text_to_image", "all", "all"),
+                    load_section(PAPER, "loss"))  # fmt: skip
+    assert trace_flux(cfg, torch.bfloat16, call, fake=True) == trace_flux(cfg, torch.bfloat16, call, fake=False)
