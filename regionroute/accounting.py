@@ -37,7 +37,17 @@ import torch
 from torch import nn
 
 from regionroute.config import Params
-from regionroute.memtrace import FluxCall, trace_flux, trace_forward
+from regionroute.memtrace import (
+    FluxCall,
+    clip_text_peak,
+    lpips_builder,
+    open_clip_builder,
+    t5_peak,
+    trace_flux,
+    trace_forward,
+    vae_peak,
+    vlm_language_peak,
+)
 from regionroute.model_configs import clip_model_cfg, kontext_configs, vlm_config
 
 __all__ = [
@@ -135,36 +145,6 @@ def _cached_peak(key: dict[str, Any], compute: Callable[[], int], use_cache: boo
     return peak
 
 
-def _t5_peak(cfg: dict[str, Any], batch: int, length: int, dtype: torch.dtype) -> int:
-    from transformers import T5Config, T5EncoderModel
-
-    ids = lambda: torch.zeros(batch, length, dtype=torch.long)  # noqa: E731
-    return trace_forward(lambda: T5EncoderModel(T5Config(**cfg)), lambda m: m(input_ids=ids())[0], dtype).peak
-
-
-def _clip_text_peak(cfg: dict[str, Any], batch: int, dtype: torch.dtype) -> int:
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    ids = lambda: torch.zeros(batch, 77, dtype=torch.long)  # noqa: E731
-    return trace_forward(lambda: CLIPTextModel(CLIPTextConfig(**cfg)), lambda m: m(input_ids=ids())[1], dtype).peak
-
-
-def _vae_peak(cfg: dict[str, Any], batch: int, res: int, dtype: torch.dtype, decode: bool) -> int:
-    """Peak of the VAE encoding ``batch`` images of ``res`` px, or decoding their latents (``res / 8``)."""
-    from diffusers import AutoencoderKL
-
-    if decode:
-        lat = lambda: torch.zeros(batch, int(cfg["latent_channels"]), res // 8, res // 8, dtype=dtype)  # noqa: E731
-        run = lambda m: m.decode(lat()).sample  # noqa: E731
-    else:
-        run = lambda m: m.encode(torch.zeros(batch, 3, res, res, dtype=dtype)).latent_dist.mode()  # noqa: E731
-    return trace_forward(lambda: AutoencoderKL.from_config(cfg), run, dtype).peak
-
-
-def _flux_peak(cfg: dict[str, Any], dtype: torch.dtype, call: FluxCall) -> int:
-    return trace_flux(cfg, dtype, call).peak
-
-
 # -- per stage --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StageMemory:
@@ -213,43 +193,6 @@ class Accounting:
         for name, stage in self.stages.items():
             out["stages"][name] |= {"tensors": stage.tensors, "total": stage.total}
         return out
-
-
-def _open_clip_build(model_cfg: dict[str, Any], quick_gelu: bool) -> Callable[[], nn.Module]:
-    import open_clip
-
-    return lambda: open_clip.model.CLIP(**model_cfg, quick_gelu=quick_gelu)
-
-
-def _lpips_build(net: str) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        import warnings
-
-        import lpips
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return lpips.LPIPS(net=net, pretrained=False, pnet_rand=True, spatial=True, verbose=False)
-
-    return build
-
-
-def _vlm_lm_peak(config: Any, dtype: torch.dtype, rows: int, length: int) -> int:
-    """The judge's language-model pass: ``rows`` prompts of ``length`` tokens, logits at the last position only."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    hidden = int(config.text_config.hidden_size)
-
-    def run(m: nn.Module) -> torch.Tensor:
-        out = m.model.language_model(
-            inputs_embeds=torch.zeros(rows, length, hidden, dtype=dtype),
-            attention_mask=torch.ones(rows, length, dtype=torch.long),
-            position_ids=torch.zeros(3, rows, length, dtype=torch.long),  # M-RoPE (t, h, w)
-            use_cache=False,
-        )
-        return m.lm_head(out.last_hidden_state[:, -1:])  # logits_to_keep=1
-
-    return trace_forward(lambda: Qwen2_5_VLForConditionalGeneration(config), run, dtype).peak
 
 
 def account(
@@ -307,19 +250,19 @@ def account(
         def encoders(batch: int, length: int, decode: bool) -> dict[str, int | None]:
             key = {"cfg": cfgs, "dtype": m.dtype, "batch": batch, "length": length, "res": res}
             parts = {
-                "t5": peak("t5", key, lambda: _t5_peak(kc.text_encoder_2, batch, length, wdt)),
-                "clip_text": peak("clip", key, lambda: _clip_text_peak(kc.text_encoder, batch, wdt)),
-                "vae_encode": peak("vae_encode", key, lambda: _vae_peak(kc.vae, batch, res, wdt, False)),
+                "t5": peak("t5", key, lambda: t5_peak(kc.text_encoder_2, batch, length, wdt)),
+                "clip_text": peak("clip", key, lambda: clip_text_peak(kc.text_encoder, batch, wdt)),
+                "vae_encode": peak("vae_encode", key, lambda: vae_peak(kc.vae, batch, res, wdt, False)),
             }
             if decode:
-                parts["vae_decode"] = peak("vae_decode", key, lambda: _vae_peak(kc.vae, batch, res, wdt, True))
+                parts["vae_decode"] = peak("vae_decode", key, lambda: vae_peak(kc.vae, batch, res, wdt, True))
             return parts
 
         def flux(call: FluxCall) -> int | None:
             return peak(
                 "flux",
                 {"cfg": kc.transformer, "dtype": m.dtype, "call": asdict(call)},
-                lambda: _flux_peak(kc.transformer, wdt, call),
+                lambda: trace_flux(kc.transformer, wdt, call).peak,
             )
 
         if "stylize" in stages:
@@ -391,8 +334,8 @@ def _score(
 
     net = "alex" if sc.lpips == "tiny" else sc.lpips
     counts = {
-        "clip": _n_params(_meta(_open_clip_build(*clip))),
-        "lpips": _n_params(_meta(_lpips_build(net))),
+        "clip": _n_params(_meta(open_clip_builder(*clip))),
+        "lpips": _n_params(_meta(lpips_builder(net))),
         "vlm": _n_params(_meta(lambda: Qwen2_5_VLForConditionalGeneration(config))),
     }
     vb = _DTYPE_BYTES[sc.vlm_dtype]
@@ -411,13 +354,13 @@ def _score(
     parts = {
         "clip_image": peak(
             "clip_image", {"cfg": clip, "b": b},
-            lambda: trace_forward(_open_clip_build(*clip), clip_run, torch.float32).peak,
+            lambda: trace_forward(open_clip_builder(*clip), clip_run, torch.float32).peak,
         ),
         "lpips": peak(
             "lpips", {"net": net, "b": b, "res": res},
-            lambda: trace_forward(_lpips_build(net), lpips_run, torch.float32).peak,
+            lambda: trace_forward(lpips_builder(net), lpips_run, torch.float32).peak,
         ),
-        "vlm_language": peak("vlm", vlm_key, lambda: _vlm_lm_peak(config, vdt, rows, length)),
+        "vlm_language": peak("vlm", vlm_key, lambda: vlm_language_peak(config, vdt, rows, length)),
         # not traced (its window indices are data-dependent): per patch, hidden + norm + q, k, v + attention
         # output (6 x hidden) and the gated MLP (3 x intermediate), one block alive at a time
         "vlm_vision_estimate": patches * (6 * hid + 3 * inter) * vb if activations else None,

@@ -11,6 +11,11 @@ the backward needs: saved tensors, checkpoint inputs, outputs); ``peak`` the lar
 seen at any moment of the forward and backward. Weights and buffers created before the
 trace are not counted (they are accounted as weights).
 
+What is traced: :func:`trace_flux` (one FLUX transformer call as ``train``, ``stylize`` or ``infer``
+makes it), :func:`t5_peak`, :func:`clip_text_peak`, :func:`vae_peak` (the Kontext pipeline's other
+models) and :func:`vlm_language_peak` plus :func:`trace_forward` on :func:`open_clip_builder` /
+:func:`lpips_builder` (the ``score`` stage's models).
+
 Why fake and not ``meta``: on ``meta`` tensors PyTorch picks the *math* attention (it
 materializes the T x T matrix) and runs backward on a worker thread; fake CPU tensors take
 the fused CPU flash kernel, which saves what the CUDA flash/cuDNN kernels save (q, k, v,
@@ -35,6 +40,7 @@ import contextlib
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,11 +56,18 @@ __all__ = [
     "LiveBytes",
     "Trace",
     "build_fake",
+    "clip_text_peak",
     "cuda_autocast",
+    "cuda_float32_policy",
     "fake_mode",
+    "lpips_builder",
+    "open_clip_builder",
     "real_mode",
+    "t5_peak",
     "trace_flux",
     "trace_forward",
+    "vae_peak",
+    "vlm_language_peak",
 ]
 
 #: CUDA autocast's float32 list (torch.amp docs, "CUDA Ops that can autocast to float32"),
@@ -320,3 +333,67 @@ def trace_flux(config: dict, weight_dtype: torch.dtype, call: FluxCall, *, fake:
             del total
         del out, pred
     return Trace(retained=retained, peak=tracker.peak)
+
+
+# -- the other models of the stages (inference forwards) ----------------------------------------------
+def t5_peak(cfg: dict[str, Any], batch: int, length: int, dtype: torch.dtype) -> int:
+    from transformers import T5Config, T5EncoderModel
+
+    ids = lambda: torch.zeros(batch, length, dtype=torch.long)  # noqa: E731
+    return trace_forward(lambda: T5EncoderModel(T5Config(**cfg)), lambda m: m(input_ids=ids())[0], dtype).peak
+
+
+def clip_text_peak(cfg: dict[str, Any], batch: int, dtype: torch.dtype) -> int:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    ids = lambda: torch.zeros(batch, 77, dtype=torch.long)  # noqa: E731
+    return trace_forward(lambda: CLIPTextModel(CLIPTextConfig(**cfg)), lambda m: m(input_ids=ids())[1], dtype).peak
+
+
+def vae_peak(cfg: dict[str, Any], batch: int, res: int, dtype: torch.dtype, decode: bool) -> int:
+    """Peak of the VAE encoding ``batch`` images of ``res`` px, or decoding their latents (``res / 8``)."""
+    from diffusers import AutoencoderKL
+
+    if decode:
+        lat = lambda: torch.zeros(batch, int(cfg["latent_channels"]), res // 8, res // 8, dtype=dtype)  # noqa: E731
+        run = lambda m: m.decode(lat()).sample  # noqa: E731
+    else:
+        run = lambda m: m.encode(torch.zeros(batch, 3, res, res, dtype=dtype)).latent_dist.mode()  # noqa: E731
+    return trace_forward(lambda: AutoencoderKL.from_config(cfg), run, dtype).peak
+
+
+def open_clip_builder(model_cfg: dict[str, Any], quick_gelu: bool) -> Callable[[], nn.Module]:
+    import open_clip
+
+    return lambda: open_clip.model.CLIP(**model_cfg, quick_gelu=quick_gelu)
+
+
+def lpips_builder(net: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import warnings
+
+        import lpips
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return lpips.LPIPS(net=net, pretrained=False, pnet_rand=True, spatial=True, verbose=False)
+
+    return build
+
+
+def vlm_language_peak(config: Any, dtype: torch.dtype, rows: int, length: int) -> int:
+    """The judge's language-model pass: ``rows`` prompts of ``length`` tokens, logits at the last position only."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    hidden = int(config.text_config.hidden_size)
+
+    def run(m: nn.Module) -> torch.Tensor:
+        out = m.model.language_model(
+            inputs_embeds=torch.zeros(rows, length, hidden, dtype=dtype),
+            attention_mask=torch.ones(rows, length, dtype=torch.long),
+            position_ids=torch.zeros(3, rows, length, dtype=torch.long),  # M-RoPE (t, h, w)
+            use_cache=False,
+        )
+        return m.lm_head(out.last_hidden_state[:, -1:])  # logits_to_keep=1
+
+    return trace_forward(lambda: Qwen2_5_VLForConditionalGeneration(config), run, dtype).peak
