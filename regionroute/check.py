@@ -24,11 +24,14 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from regionroute.check_models import Finding, check_models, listed
+
+if TYPE_CHECKING:
+    from regionroute.accounting import Accounting
 from regionroute.config import Params, load_params
 from regionroute.errors import ConfigError, UserError
 
@@ -124,7 +127,7 @@ _SHRINK = {
 }
 
 
-def check_memory(params: Params, accounting: Any, stages: tuple[str, ...] = GPU_STAGES) -> list[Finding]:
+def check_memory(params: Params, accounting: Accounting, stages: tuple[str, ...] = GPU_STAGES) -> list[Finding]:
     """Each stage's computed need against its device's free memory (CUDA: with the runtime reserve)."""
     out = []
     for stage in stages:
@@ -221,7 +224,7 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def check_disk(params: Params, accounting: Any, findings: list[Finding]) -> list[Finding]:
+def check_disk(params: Params, accounting: Accounting, findings: list[Finding]) -> list[Finding]:
     """The pipeline's outputs (x2: DVC keeps a copy in its cache) and the missing downloads vs free space."""
     d, res = params.data, params.sample.resolution
     pairs = sum(s.num for s in d.splits.values())
@@ -276,7 +279,7 @@ class Report:
 
     params: str
     findings: list[Finding]
-    accounting: Any = None  # regionroute.accounting.Accounting, None when the params are invalid
+    accounting: Accounting | None = None  # None when the params are invalid
 
     @property
     def problems(self) -> list[Finding]:
@@ -293,7 +296,9 @@ def _invalid(path: str | Path, exc: UserError) -> Finding:
     return Finding("error", key, what)
 
 
-def _account(params: Params, stages: tuple[str, ...], activations: bool, alternatives: bool) -> tuple[Any, list]:
+def _account(
+    params: Params, stages: tuple[str, ...], activations: bool, alternatives: bool
+) -> tuple[Accounting | None, list[Finding]]:
     from regionroute.accounting import account
 
     try:
@@ -341,7 +346,7 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
-def format_accounting(acc: Any, params: Params | None = None) -> str:
+def format_accounting(acc: Accounting) -> str:
     """The accounting as text: models, LoRA-MoE, tokens and a per-stage memory table (markdown)."""
     lines = ["Models (parameters, from " + "; ".join(f"{k}: {v}" for k, v in acc.sources.items()) + "):"]
     lines.append("  " + ", ".join(f"{k} {_count(v)}" for k, v in acc.params.items()))
