@@ -4,6 +4,7 @@ Subcommands:
   edit IMAGE       restyle one object of your own image with a trained model
   ablations        write reports/ablations.md from `dvc exp show` (run in the repository)
   make-demo ROOT   write the synthetic COCO-format demo dataset (committed under data/demo)
+  check            is everything a params file needs here (models, data, memory, disk)?
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("make-demo", help="write the synthetic COCO-format demo dataset")
     demo.add_argument("root", help="output directory, e.g. data/demo")
     demo.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    chk = sub.add_parser(
+        "check",
+        help="check models, data, device memory and disk for a params file; print the memory accounting",
+        description="Check that every model of a params file is on disk (nothing is downloaded), the COCO data "
+        "is complete, each GPU stage fits in its device's free memory and the outputs fit on disk. Prints one "
+        "line per problem and the memory accounting; exits 1 when there is a problem. "
+        "E.g. regionroute check --params configs/paper.yaml",
+    )
+    chk.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
+    chk.add_argument("--json", action="store_true", help='print {"findings": [...], "accounting": {...}} instead')
     return parser
 
 
@@ -89,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
 
         build_demo(args.root, seed=args.seed)
         print(f"wrote demo dataset to {args.root}")
+    elif args.command == "check":
+        import json
+
+        from regionroute.check import check, format_report
+
+        report = check(args.params)
+        print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+        return 1 if report.problems else 0
     return 0
 
 

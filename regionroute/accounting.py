@@ -1,0 +1,370 @@
+"""Memory accounting of each GPU stage at the configured dimensions, without weights (docs/method.md §2, "Memory").
+
+Used by ``regionroute check`` (the table and ``--json``'s ``accounting``) and by
+:func:`regionroute.check.preflight`. Every model of the params is built from its config on
+PyTorch's ``meta`` device (shapes, no storage): parameter counts are exact, and the LoRA-MoE
+is injected with :func:`regionroute.lora_moe.inject_lora_moe` exactly as ``train`` does.
+Configs come from the model's own files when they are on disk (a local or ``toy``
+directory, the Hugging Face cache), else from the real FLUX.1-Kontext-dev /
+Qwen2.5-VL-7B configs written below. Activation memory is *measured*: each stage's calls
+run on fake tensors (:mod:`regionroute.memtrace`), at the configured batch, text length and
+resolution, in the configured precision.
+
+A stage needs ``weights + trainable + activations + reserve`` bytes on its device:
+
+* ``weights``: parameters resident on the device, in their dtype;
+* ``trainable`` (train): expert parameters + gradients + optimizer state (AdamW: two moments
+  in the parameter dtype; bitsandbytes AdamW8bit: two uint8 states plus a float32 absmax
+  per 2048 elements for tensors of >= 4096 elements, float32 states below);
+* ``activations``: the traced peak of the stage's largest call;
+* ``reserve``: :data:`RUNTIME_RESERVE`, an assumed allowance for what is not a tensor (CUDA
+  context, cuBLAS/cuDNN workspaces, allocator rounding and fragmentation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from regionroute.config import Params
+from regionroute.memtrace import (
+    FluxCall,
+    clip_text_peak,
+    lpips_builder,
+    open_clip_builder,
+    t5_peak,
+    trace_flux,
+    trace_forward,
+    vae_peak,
+    vlm_language_peak,
+)
+from regionroute.model_configs import clip_model_cfg, kontext_configs, vlm_config
+
+__all__ = [
+    "RUNTIME_RESERVE",
+    "Accounting",
+    "StageMemory",
+    "account",
+    "lora_summary",
+    "optimizer_state_bytes",
+]
+
+GIB = 2**30
+#: Assumed, not computed: CUDA context + cuBLAS/cuDNN workspaces + allocator slack.
+RUNTIME_RESERVE = GIB
+#: T5 tokens of one style word in the worst case (``pixel-art`` -> ``▁pixel``, ``-``, ``art``).
+STYLE_TOKENS = 3
+#: Prompt tokens of one VLM question besides the image (chat template + question, measured ~40).
+VLM_TEXT_TOKENS = 64
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _meta(build: Callable[[], nn.Module]) -> nn.Module:
+    with torch.device("meta"):
+        return build()
+
+
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# -- counts ---------------------------------------------------------------------------------------
+def lora_summary(transformer_cfg: dict[str, Any], lora: Any, experts: tuple[str, ...]) -> dict[str, Any]:
+    """Inject the LoRA-MoE into the transformer built on ``meta``; counts per stream and per target."""
+    from diffusers import FluxTransformer2DModel
+
+    from regionroute.lora_moe import inject_lora_moe
+
+    model = _meta(lambda: FluxTransformer2DModel.from_config(transformer_cfg))
+    base = _n_params(model)
+    moe = inject_lora_moe(model, lora, experts)
+    per_stream: dict[str, int] = Counter()
+    targets: dict[str, int] = Counter()
+    for name, layer in moe.layers.items():
+        stream = moe.streams[name]
+        per_stream[stream] += layer.lora_A.numel() + layer.lora_B.numel()
+        targets[f"{stream}:{name.split('.', 2)[2]}"] += 1
+    router = _n_params(moe.router) if moe.router is not None else 0
+    return {
+        "base_params": base,
+        "lora_params": {**dict(per_stream), "router": router, "total": sum(per_stream.values()) + router},
+        "lora_modules": dict(sorted(targets.items())),
+        "trainable_shapes": [tuple(p.shape) for p in moe.trainable_parameters()],
+    }
+
+
+def optimizer_state_bytes(shapes: list[tuple[int, ...]], param_bytes: int, optimizer: str) -> int:
+    """Optimizer state of the given parameter tensors (see the module docstring)."""
+    numels = [math.prod(s) for s in shapes]
+    if optimizer == "adamw":
+        return 2 * sum(numels) * param_bytes
+    total = 2 * 256 * 4  # the two shared quantization maps
+    for n in numels:
+        total += 2 * n * 4 if n < 4096 else 2 * n + 2 * math.ceil(n / 2048) * 4
+    return total
+
+
+# -- activation traces (cached: the paper's training trace takes tens of seconds) ------------------
+def _source_digest() -> str:
+    import diffusers
+    import transformers
+
+    digest = hashlib.sha256(f"{torch.__version__}|{diffusers.__version__}|{transformers.__version__}".encode())
+    root = Path(__file__).parent
+    for rel in ("memtrace.py", "accounting.py", "losses.py", "flux/attention.py", "lora_moe/layer.py"):
+        digest.update((root / rel).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _cached_peak(key: dict[str, Any], compute: Callable[[], int], use_cache: bool) -> int:
+    from regionroute.io import write_json
+    from regionroute.models import cache_dir
+
+    name = hashlib.sha256(json.dumps({**key, "src": _source_digest()}, sort_keys=True, default=str).encode())
+    path = cache_dir() / "accounting" / f"{name.hexdigest()[:24]}.json"
+    if use_cache and path.is_file():
+        try:
+            return int(json.loads(path.read_text())["peak"])
+        except (OSError, ValueError, KeyError):
+            pass
+    peak = compute()
+    if use_cache:
+        write_json(path, {"key": json.loads(json.dumps(key, default=str)), "peak": peak})
+    return peak
+
+
+# -- per stage --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageMemory:
+    """What one stage needs on its device, in bytes (see the module docstring)."""
+
+    stage: str
+    weights: int
+    trainable: int
+    activations: int | None  # None: not traced (``activations=False``)
+    reserve: int = RUNTIME_RESERVE
+    detail: dict[str, int | None] = field(default_factory=dict)  # named parts (per model, per phase)
+    note: str = ""
+
+    @property
+    def tensors(self) -> int | None:
+        """Bytes of tensors at the stage's peak: its largest phase (train: encoding or training)."""
+        if self.activations is None:
+            return None
+        return max(self.weights + self.trainable + self.activations, self.detail.get("encode_phase") or 0)
+
+    @property
+    def total(self) -> int | None:
+        """What a CUDA device must offer: :attr:`tensors` + :attr:`reserve`."""
+        return None if self.tensors is None else self.tensors + self.reserve
+
+
+@dataclass(frozen=True)
+class Accounting:
+    """The whole accounting of one params file (``regionroute check --json``'s ``accounting``)."""
+
+    sources: dict[str, str]  # model -> where its config was read
+    params: dict[str, int]  # parameter counts per model
+    lora: dict[str, Any]  # LoRA-MoE counts (per stream, per target module)
+    trainable_bytes: dict[str, int]  # params, grads, optimizer, total
+    tokens: dict[str, dict[str, int]]  # per stage: text, image (target), sequence
+    stages: dict[str, StageMemory]
+    method: str = (
+        "parameters: models built from their configs on the meta device; activations: each stage's calls "
+        "executed on fake tensors (regionroute.memtrace), bytes of live storages traced from allocation to "
+        "release; CUDA autocast emulated; reserve assumed"
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["lora"] = {k: v for k, v in self.lora.items() if k != "trainable_shapes"}
+        for name, stage in self.stages.items():
+            out["stages"][name] |= {"tensors": stage.tensors, "total": stage.total}
+        return out
+
+
+def account(
+    params: Params,
+    *,
+    activations: bool = True,
+    stages: tuple[str, ...] = ("stylize", "train", "infer", "score"),
+    alternatives: bool = True,
+    hf_cache: Path | None = None,
+    use_cache: bool = True,
+) -> Accounting:
+    """Account every model and the ``stages`` of ``params`` (``activations=False``: counts only, fast).
+
+    ``alternatives`` also traces training with the other ``train.gradient_checkpointing`` setting.
+    """
+    m, lcfg, tr, inf, sty = params.models, params.lora, params.train, params.infer, params.stylize
+    res = params.sample.resolution
+    grid = (res // 16, res // 16)
+    n = grid[0] * grid[1]
+    wdt, wb, lb = _DTYPES[m.dtype], _DTYPE_BYTES[m.dtype], _DTYPE_BYTES[lcfg.dtype]
+    infer_len = inf.max_sequence_length or tr.max_sequence_length
+    lengths = {"stylize": sty.max_sequence_length, "train": tr.max_sequence_length, "infer": infer_len}
+    tokens = {s: {"text": L, "image": n, "context": n, "sequence": L + 2 * n} for s, L in lengths.items()}
+    sources: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    lora: dict[str, Any] = {}
+    trainable: dict[str, int] = {}
+    out: dict[str, StageMemory] = {}
+
+    def peak(name: str, key: dict[str, Any], fn: Callable[[], int]) -> int | None:
+        return _cached_peak({"what": name, **key}, fn, use_cache) if activations else None
+
+    def biggest(parts: dict[str, int | None]) -> int | None:
+        return None if any(v is None for v in parts.values()) else max(v for v in parts.values() if v is not None)
+
+    kc = kontext_configs(m.kontext, hf_cache) if {"stylize", "train", "infer"} & set(stages) else None
+    if kc is not None:
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+        sources["kontext"] = kc.source
+        lora = lora_summary(kc.transformer, lcfg, params.data.styles)
+        counts["transformer"] = lora["base_params"]
+        counts["text_encoder"] = _n_params(_meta(lambda: CLIPTextModel(CLIPTextConfig(**kc.text_encoder))))
+        counts["text_encoder_2"] = _n_params(_meta(lambda: T5EncoderModel(T5Config(**kc.text_encoder_2))))
+        counts["vae"] = _n_params(_meta(lambda: AutoencoderKL.from_config(kc.vae)))
+        n_lora = lora["lora_params"]["total"]
+        trainable = {"params": n_lora * lb, "grads": n_lora * lb}
+        trainable["optimizer"] = optimizer_state_bytes(lora["trainable_shapes"], lb, tr.optimizer)
+        trainable["total"] = sum(trainable.values())
+        pipe_weights = wb * sum(counts[k] for k in ("transformer", "text_encoder", "text_encoder_2", "vae"))
+        n_layers = int(kc.transformer["num_layers"]) + int(kc.transformer["num_single_layers"])
+        cfgs = asdict(kc)
+
+        def encoders(batch: int, length: int, decode: bool) -> dict[str, int | None]:
+            key = {"cfg": cfgs, "dtype": m.dtype, "batch": batch, "length": length, "res": res}
+            parts = {
+                "t5": peak("t5", key, lambda: t5_peak(kc.text_encoder_2, batch, length, wdt)),
+                "clip_text": peak("clip", key, lambda: clip_text_peak(kc.text_encoder, batch, wdt)),
+                "vae_encode": peak("vae_encode", key, lambda: vae_peak(kc.vae, batch, res, wdt, False)),
+            }
+            if decode:
+                parts["vae_decode"] = peak("vae_decode", key, lambda: vae_peak(kc.vae, batch, res, wdt, True))
+            return parts
+
+        def flux(call: FluxCall) -> int | None:
+            return peak(
+                "flux",
+                {"cfg": kc.transformer, "dtype": m.dtype, "call": asdict(call)},
+                lambda: trace_flux(kc.transformer, wdt, call).peak,
+            )
+
+        if "stylize" in stages:
+            parts = encoders(sty.batch_size, sty.max_sequence_length, True)
+            parts["transformer"] = flux(
+                FluxCall(sty.batch_size, sty.max_sequence_length, grid, False, guidance=sty.guidance)
+            )
+            out["stylize"] = StageMemory("stylize", pipe_weights, 0, biggest(parts), detail=parts)
+        if "train" in stages:
+            from regionroute.train import encode_dataset
+
+            enc_batch = inspect.signature(encode_dataset).parameters["batch_size"].default
+            supervise = params.loss.focus_weight > 0 or params.loss.cover_weight > 0
+            amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tr.mixed_precision)
+            attention = (params.loss.direction, params.loss.normalize, params.loss.layers) if supervise else None
+
+            def call(ckpt: bool) -> FluxCall:
+                return FluxCall(
+                    tr.batch_size, tr.max_sequence_length, grid, True, ckpt, amp, lcfg, params.data.styles,
+                    attention, params.loss, tr.guidance, STYLE_TOKENS,
+                )  # fmt: skip
+
+            enc = encoders(enc_batch, tr.max_sequence_length, False)
+            encode_phase = None if biggest(enc) is None else pipe_weights + biggest(enc)
+            parts: dict[str, int | None] = {f"encode_{k}": v for k, v in enc.items()}
+            parts["encode_weights"] = pipe_weights
+            parts["encode_phase"] = encode_phase
+            act = flux(call(tr.gradient_checkpointing))
+            parts["transformer"] = act
+            parts[f"transformer_checkpointing_{'on' if tr.gradient_checkpointing else 'off'}"] = act
+            if alternatives:
+                parts[f"transformer_checkpointing_{'off' if tr.gradient_checkpointing else 'on'}"] = flux(
+                    call(not tr.gradient_checkpointing)
+                )
+            out["train"] = StageMemory(
+                "train", wb * counts["transformer"], trainable["total"], act, detail=parts,
+                note=f"encoders freed after caching latents/embeddings (batch {enc_batch}); the larger phase counts",
+            )  # fmt: skip
+        if "infer" in stages:
+            merged = inf.merge_expert and lcfg.routing == "style"
+            parts = encoders(inf.batch_size, infer_len, True)
+            fc = FluxCall(
+                inf.batch_size, infer_len, grid, False, lora=None if merged else lcfg, experts=params.data.styles,
+                attention=(inf.attention_direction, "all", "all"), guidance=inf.guidance, style_tokens=STYLE_TOKENS,
+            )  # fmt: skip
+            one = flux(fc)
+            records = (inf.steps - 1) * n_layers * inf.batch_size * n * 4  # float32 maps kept for every step
+            parts["transformer"] = None if one is None else one + records
+            lora_bytes = lora["lora_params"]["total"] * lb
+            out["infer"] = StageMemory("infer", pipe_weights + lora_bytes, 0, biggest(parts), detail=parts)
+    if "score" in stages:
+        out_score, score_sources, score_counts = _score(params, activations, peak, hf_cache)
+        sources.update(score_sources)
+        counts.update(score_counts)
+        if out_score is not None:
+            out["score"] = out_score
+    return Accounting(sources, counts, lora, trainable, tokens, out)
+
+
+def _score(
+    params: Params, activations: bool, peak: Callable[..., int | None], hf_cache: Path | None
+) -> tuple[StageMemory | None, dict[str, str], dict[str, int]]:
+    sc, res = params.score, params.sample.resolution
+    clip = clip_model_cfg(sc.clip, hf_cache)
+    config = vlm_config(sc.vlm, hf_cache)
+    if clip is None or config is None:
+        return None, {}, {}
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    net = "alex" if sc.lpips == "tiny" else sc.lpips
+    counts = {
+        "clip": _n_params(_meta(open_clip_builder(*clip))),
+        "lpips": _n_params(_meta(lpips_builder(net))),
+        "vlm": _n_params(_meta(lambda: Qwen2_5_VLForConditionalGeneration(config))),
+    }
+    vb = _DTYPE_BYTES[sc.vlm_dtype]
+    weights = 4 * (counts["clip"] + counts["lpips"]) + vb * counts["vlm"]  # open_clip and LPIPS load in float32
+    size = int(clip[0]["vision_cfg"]["image_size"])
+    b = sc.batch_size
+    vision = config.vision_config
+    patch = int(vision.patch_size) * int(vision.spatial_merge_size)
+    image_tokens = max(1, min(res * res, sc.vlm_max_pixels) // (patch * patch))  # merged visual tokens per image
+    patches = sc.vlm_batch_size * image_tokens * int(vision.spatial_merge_size) ** 2
+    hid, inter = int(vision.hidden_size), int(vision.intermediate_size)
+    rows, length, vdt = 4 * sc.vlm_batch_size, image_tokens + VLM_TEXT_TOKENS, _DTYPES[sc.vlm_dtype]
+    clip_run = lambda mod: mod.encode_image(torch.zeros(b, 3, size, size))  # noqa: E731
+    lpips_run = lambda mod: mod(torch.zeros(b, 3, res, res), torch.zeros(b, 3, res, res), normalize=True)  # noqa: E731
+    vlm_key = {"cfg": config.to_dict(), "dtype": sc.vlm_dtype, "rows": rows, "len": length}
+    parts = {
+        "clip_image": peak(
+            "clip_image", {"cfg": clip, "b": b},
+            lambda: trace_forward(open_clip_builder(*clip), clip_run, torch.float32).peak,
+        ),
+        "lpips": peak(
+            "lpips", {"net": net, "b": b, "res": res},
+            lambda: trace_forward(lpips_builder(net), lpips_run, torch.float32).peak,
+        ),
+        "vlm_language": peak("vlm", vlm_key, lambda: vlm_language_peak(config, vdt, rows, length)),
+        # not traced (its window indices are data-dependent): per patch, hidden + norm + q, k, v + attention
+        # output (6 x hidden) and the gated MLP (3 x intermediate), one block alive at a time
+        "vlm_vision_estimate": patches * (6 * hid + 3 * inter) * vb if activations else None,
+    }  # fmt: skip
+    acts = None if any(v is None for v in parts.values()) else max(parts.values())
+    sources = {"clip": sc.clip, "lpips": "tiny (alex, random trunk)" if sc.lpips == "tiny" else net, "vlm": sc.vlm}
+    return StageMemory("score", weights, 0, acts, detail=parts), sources, counts

@@ -1,0 +1,188 @@
+"""The model part of ``regionroute check``: is each model reference's files on disk? (docs/method.md §2).
+
+Used by :mod:`regionroute.check` (and so by ``preflight``). One :class:`Finding` per model
+reference of the params -- ``models.kontext``, ``score.clip``, ``score.lpips``,
+``score.vlm`` -- resolved as :mod:`regionroute.refs` describes; a missing model is named
+with the exact command that fetches it. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from regionroute.config import Params
+from regionroute.refs import OPEN_CLIP_WEIGHTS, FileSource, fetch_command, missing_pipeline_files, toy_dir
+
+__all__ = [
+    "KONTEXT_STAGES",
+    "Finding",
+    "check_clip",
+    "check_kontext",
+    "check_lpips",
+    "check_models",
+    "check_vlm",
+    "listed",
+]
+
+Level = Literal["error", "warning", "ok"]
+#: The stages that load ``models.kontext``.
+KONTEXT_STAGES: tuple[str, ...] = ("stylize", "train", "infer")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One line of the report; ``stages``: the stages it concerns (empty: the whole pipeline)."""
+
+    level: Level
+    key: str  # params key or file
+    what: str
+    fix: str = ""
+    stages: tuple[str, ...] = ()
+
+    def line(self) -> str:
+        return f"{self.level}: {self.key}: {self.what}" + (f" ({self.fix})" if self.fix else "")
+
+
+def listed(items: list[str]) -> str:
+    return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+
+
+# -- models ---------------------------------------------------------------------------------------
+def _local_or_hub(ref: str, toy: str) -> FileSource | str:
+    """A FileSource for a ``toy`` / local-directory / hub reference, or the reason it is none."""
+    if ref == "toy":
+        return FileSource(root=toy_dir(toy))
+    path = Path(ref).expanduser()
+    if path.exists():
+        return FileSource(root=path) if path.is_dir() else f"{ref!r} is a file, expected a model directory"
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        return f"no such directory {ref!r}, and not a hub id of the form 'org/name'"
+    return FileSource(repo=ref)
+
+
+def check_kontext(ref: str) -> Finding:
+    """``models.kontext``: a diffusers FluxKontextPipeline directory (``model_index.json`` + components)."""
+    stages = KONTEXT_STAGES
+    if ref == "tiny":
+        return Finding("ok", "models.kontext", "tiny (built in code)", stages=stages)
+    src = _local_or_hub(ref, "kontext")
+    if isinstance(src, str):
+        return Finding("error", "models.kontext", src, "give 'tiny', 'toy', a hub id or a model directory", stages)
+    missing = missing_pipeline_files(src)
+    if not missing:
+        return Finding("ok", "models.kontext", f"{ref}: {src.where}", stages=stages)
+    if src.repo is not None:
+        fix = fetch_command(src.repo, include=("model_index.json", "*/*"))
+        what = f"{src.where} lacks {listed(missing)}"
+        if missing == ["model_index.json"]:
+            what = f"{src.repo} is not in the local Hugging Face cache ({src.cache_root})"
+        return Finding("error", "models.kontext", what, fix, stages)
+    fix = (
+        "build it with the toy pipeline (toy/dvc.yaml)" if ref == "toy" else "a diffusers FluxKontextPipeline directory"
+    )
+    return Finding("error", "models.kontext", f"{src.where} lacks {listed(missing)}", fix, stages)
+
+
+def check_clip(ref: str) -> Finding:
+    """``score.clip``: tiny, an open_clip local directory / ``hf-hub:`` repo, or ``<model>/<pretrained>``."""
+    import open_clip
+
+    from regionroute.refs import open_clip_weights
+
+    key, stages = "score.clip", ("score",)
+    if ref == "tiny":
+        return Finding("ok", key, "tiny (built in code)", stages=stages)
+    if ref == "toy" or Path(ref).expanduser().is_dir() or ref.startswith("hf-hub:"):
+        src = FileSource(repo=ref[len("hf-hub:") :]) if ref.startswith("hf-hub:") else _local_or_hub(ref, "clip")
+        assert isinstance(src, FileSource)
+        missing = [] if src.path("open_clip_config.json") else ["open_clip_config.json"]
+        if not any(src.path(f) for f in OPEN_CLIP_WEIGHTS):
+            missing.append(OPEN_CLIP_WEIGHTS[0])
+        if not missing:
+            return Finding("ok", key, f"{ref}: {src.where}", stages=stages)
+        fix = fetch_command(src.repo) if src.repo else "an open_clip directory: open_clip_config.json + weights"
+        return Finding("error", key, f"{src.where} lacks {listed(missing)}", fix, stages)
+    name, sep, pretrained = ref.partition("/")
+    if not sep or not pretrained:
+        return Finding(
+            "error",
+            key,
+            f"{ref!r} is not 'tiny', 'toy', a directory, 'hf-hub:org/repo' or '<model>/<pretrained>'",
+            "e.g. ViT-L-14/openai",
+            stages,
+        )
+    if name not in open_clip.list_models():
+        return Finding("error", key, f"unknown open_clip model {name!r}", "see open_clip.list_models()", stages)
+    if Path(pretrained).expanduser().is_file():
+        return Finding("ok", key, f"{ref}: checkpoint file", stages=stages)
+    where = open_clip_weights(name, pretrained)
+    if where is None:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name))
+        return Finding("error", key, f"{pretrained!r} is neither a pretrained tag of {name} nor a file", tags, stages)
+    if isinstance(where, Path):
+        if where.is_file():
+            return Finding("ok", key, f"{ref}: {where}", stages=stages)
+        fix = f"`python -c \"import open_clip; open_clip.create_model('{name}', pretrained='{pretrained}')\"`"
+        return Finding("error", key, f"{ref}: {where} is not downloaded", fix, stages)
+    repo, files = where
+    src = FileSource(repo=repo)
+    if any(src.path(f) for f in files):
+        return Finding("ok", key, f"{ref}: {src.where}", stages=stages)
+    return Finding("error", key, f"{ref}: {src.where} lacks {files[0]}", fetch_command(repo, files[:1]), stages)
+
+
+def check_lpips(ref: str) -> Finding:
+    """``score.lpips``: its ImageNet trunk must be in torchvision's cache (warning level: it loads lazily)."""
+    key, stages = "score.lpips", ("score",)
+    if ref == "tiny":
+        return Finding("ok", key, "tiny (random trunk, no download)", stages=stages)
+    from torchvision.models import AlexNet_Weights, SqueezeNet1_1_Weights, VGG16_Weights
+
+    weights = {"alex": AlexNet_Weights, "vgg": VGG16_Weights, "squeeze": SqueezeNet1_1_Weights}.get(ref)
+    if weights is None:
+        return Finding("error", key, f"{ref!r} is not 'tiny', 'alex', 'vgg' or 'squeeze'", stages=stages)
+    url = weights.IMAGENET1K_V1.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if path.is_file():
+        return Finding("ok", key, f"{ref}: {path}", stages=stages)
+    model = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}[ref]
+    fix = f"`python -c \"import torchvision; torchvision.models.{model}(weights='IMAGENET1K_V1')\"`"
+    return Finding("warning", key, f"the ImageNet {ref} trunk is not in {path.parent}", fix, stages)
+
+
+def check_vlm(ref: str) -> Finding:
+    """``score.vlm``: a transformers Qwen2.5-VL directory (config, weights, tokenizer, image processor)."""
+    key, stages = "score.vlm", ("score",)
+    if ref == "tiny":
+        return Finding("ok", key, "tiny (built in code)", stages=stages)
+    src = _local_or_hub(ref, "vlm")
+    if isinstance(src, str):
+        return Finding("error", key, src, "give 'tiny', a hub id or a model directory", stages)
+    from regionroute.refs import missing_weights
+
+    needed = ["config.json", "tokenizer_config.json", "preprocessor_config.json"]
+    missing = [f for f in needed if src.path(f) is None]
+    if src.path("config.json") is not None:
+        missing += missing_weights(src, "", "transformers")
+    if not missing:
+        return Finding("ok", key, f"{ref}: {src.where}", stages=stages)
+    fix = fetch_command(src.repo) if src.repo else "a Qwen2.5-VL model directory (save_pretrained)"
+    what = f"{src.where} lacks {listed(missing)}"
+    if src.repo is not None and "config.json" in missing:
+        what = f"{src.repo} is not in the local Hugging Face cache ({src.cache_root})"
+    return Finding("error", key, what, fix, stages)
+
+
+def check_models(params: Params, stages: tuple[str, ...]) -> list[Finding]:
+    """The findings of every model the ``stages`` load."""
+    out = []
+    if set(KONTEXT_STAGES) & set(stages):
+        out.append(check_kontext(params.models.kontext))
+    if "score" in stages:
+        out += [check_clip(params.score.clip), check_lpips(params.score.lpips), check_vlm(params.score.vlm)]
+    return out
