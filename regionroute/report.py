@@ -35,8 +35,9 @@ TINY_NOTE = (
 METHOD_ORDER = ("kontext", "regionroute", "oracle")
 # (column, header, format); arrows say which direction is better
 TABLE1 = (("rsm_text", "RSM text ↑", "{:.4f}"), ("rsm_image", "RSM image ↑", "{:.4f}"),
+          ("mse_fg", "MSE_fg to pseudo-GT ↓", "{:.5f}"),
           ("lpips_bg", "LPIPS_bg ↓", "{:.4f}"), ("mse_bg", "MSE_bg ↓", "{:.5f}"), ("psnr_bg", "PSNR_bg ↑", "{:.2f}"),
-          ("ssim_bg", "SSIM_bg ↑", "{:.4f}"))  # fmt: skip
+          ("ssim_bg", "SSIM_bg ↑", "{:.4f}"), ("lpips_bg_spatial", "LPIPS_bg spatial map ↓", "{:.4f}"))  # fmt: skip
 TABLE2 = (("q1", "Q1 object in style ↑", "{:.3f}"), ("q2", "Q2 background in style ↓", "{:.3f}"),
           ("q3", "Q3 object in other style ↓", "{:.3f}"),
           ("q4", "Q4 background in other style ↓", "{:.3f}"))  # fmt: skip

@@ -4,7 +4,8 @@ METHOD.md §7. For each method's ``infer`` output and every eval pair x style:
 
 * RSES components (:class:`regionroute.metrics.rses.RSESScorer`): ``rsm_text`` (CLIP,
   region vs ``"an image in {style} style"``), ``rsm_image`` (region vs the pseudo-GT
-  region), ``lpips_bg`` / ``mse_bg`` / ``psnr_bg`` / ``ssim_bg`` over the dilated
+  region), ``mse_fg`` (pixels vs the pseudo-GT inside the mask, model-free),
+  ``lpips_bg`` (+ ``lpips_bg_spatial``) / ``mse_bg`` / ``psnr_bg`` / ``ssim_bg`` over the dilated
   background, and the PIE-Bench variants ``*_piebench`` (masked images averaged over all
   pixels);
 * the VLM judge (:class:`regionroute.metrics.vlm.VLMJudge`): ``q1``..``q4`` = P(yes);
@@ -33,7 +34,18 @@ from regionroute.io import atomic_path, read_image, read_jsonl, read_mask, write
 
 __all__ = ["METRIC_COLUMNS", "score_methods", "summarize", "write_scores"]
 
-RSES = ("rsm_text", "rsm_image", "lpips_bg", "mse_bg", "psnr_bg", "ssim_bg", "mse_bg_piebench", "lpips_bg_piebench")
+RSES = (
+    "rsm_text",
+    "rsm_image",
+    "mse_fg",
+    "lpips_bg",
+    "lpips_bg_spatial",
+    "mse_bg",
+    "psnr_bg",
+    "ssim_bg",
+    "mse_bg_piebench",
+    "lpips_bg_piebench",
+)
 VLM = ("q1", "q2", "q3", "q4")
 ATTENTION = ("attn_mass_in", "attn_iou")
 METRIC_COLUMNS: tuple[str, ...] = (*RSES, *VLM, *ATTENTION)
