@@ -322,12 +322,13 @@ def check(params_path: str | Path = "params.yaml", *, activations: bool = True) 
 
 
 def preflight(params_path: str | Path, stage: str) -> None:
-    """The checks one GPU stage needs (its models, settings, memory; no COCO parse): raise if any fails."""
+    """The checks a GPU stage needs (models, settings, on CUDA its memory; no COCO parse): raise if any fails."""
     if stage not in GPU_STAGES:
         raise ValueError(f"preflight: unknown stage {stage!r} (one of {', '.join(GPU_STAGES)})")
     params = load_params(params_path)
     findings = check_models(params, (stage,)) + check_settings(params, (stage,))
-    if not any(f.level == "error" for f in findings):  # the memory of models that are not there is moot
+    # the memory of models that are not there is moot; on the CPU the trace costs seconds a stage for nothing
+    if _device(params, stage)[1] != "cpu" and not any(f.level == "error" for f in findings):
         acc, errors = _account(params, (stage,), activations=True, alternatives=False)
         findings += errors + (check_memory(params, acc, (stage,)) if acc is not None else [])
     problems = [f.line().removeprefix("error: ") for f in findings if f.level == "error"]

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from regionroute.models import REPO_ROOT
+
 __all__ = [
     "GATED",
-    "REPO_ROOT",
     "TOY_MODELS",
     "FileSource",
     "fetch_command",
@@ -38,8 +39,6 @@ __all__ = [
     "toy_dir",
 ]
 
-#: The repository this package lives in (``toy/`` and the default ``params.yaml`` are there).
-REPO_ROOT = Path(__file__).resolve().parents[1]
 #: ``toy`` references: ``models.kontext: toy`` -> ``toy/models/kontext``, ``score.clip: toy`` -> ``toy/models/clip``.
 TOY_MODELS = REPO_ROOT / "toy" / "models"
 #: Hub repositories whose licence must be accepted on their page before a download works.
@@ -107,7 +106,10 @@ class FileSource:
 
 
 def toy_dir(name: str) -> Path:
-    """The directory a ``toy`` reference names: ``toy/models/<name>`` in the repository."""
+    """The directory a ``toy`` reference names (``toy/models/<name>``), existing or not.
+
+    The loaders resolve it with :func:`regionroute.models.toy_dir`, which raises when absent.
+    """
     return TOY_MODELS / name
 
 

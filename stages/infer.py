@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from regionroute.check import preflight
+
+    preflight(args.params, "infer")  # missing weights, settings, GPU memory: one line each, before any work
     models = load_section(args.params, "models", ModelsConfig)
     cfg = load_section(args.params, "infer", InferConfig)
     trained_length = load_section(args.params, "train", TrainConfig).max_sequence_length

@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from regionroute.check import preflight
+
+    preflight(args.params, "score")  # missing weights, settings, GPU memory: one line each, before any work
     data = load_section(args.params, "data", DataConfig)
     cfg = load_section(args.params, "score", ScoreConfig)
     from regionroute.score import score_methods, write_scores

@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from regionroute.check import preflight
+
+    preflight(args.params, "train")  # missing weights, settings, GPU memory: one line each, before any work
     data = load_section(args.params, "data", DataConfig)
     models = load_section(args.params, "models", ModelsConfig)
     lora = load_section(args.params, "lora")

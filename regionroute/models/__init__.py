@@ -26,6 +26,7 @@ from regionroute.errors import UserError
 
 __all__ = [
     "DTYPES",
+    "REPO_ROOT",
     "TINY",
     "TOY",
     "cache_dir",
@@ -38,7 +39,7 @@ __all__ = [
 
 TINY = "tiny"
 TOY = "toy"
-#: The repository checkout this package lives in (the toy models are committed there).
+#: The repository checkout this package lives in (the toy models and params.yaml are there).
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
