@@ -223,7 +223,8 @@ def test_a_background_change_of_known_size_is_measured_and_mse_fg_matches_the_ps
     small, large = pseudo.copy(), pseudo.copy()
     small[5:15, 5:15] = 0  # a 10 x 10 background change far from the object
     large[5:45, 5:125] = 0  # a much larger one
-    df = scorer.score([pseudo, small, large, source], [source] * 4, [mask] * 4, ["line-art"] * 4, pseudo_gt=[pseudo] * 4)
+    edits = [pseudo, small, large, source]
+    df = scorer.score(edits, [source] * 4, [mask] * 4, ["line-art"] * 4, pseudo_gt=[pseudo] * 4)
     exact, s, big, untouched = (df.iloc[i] for i in range(4))
     assert exact.lpips_bg == 0 < s.lpips_bg < big.lpips_bg
     assert exact.mse_fg == 0 and s.mse_fg == 0  # the object matches its pseudo-GT
