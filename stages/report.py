@@ -32,11 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     models = load_section(args.params, "models", ModelsConfig)
     score = load_section(args.params, "score", ScoreConfig)
-    from regionroute.report import write_report
+    from regionroute.report import world_of, write_report
 
-    tiny = "tiny" in (models.kontext, score.clip, score.lpips, score.vlm)
+    world = world_of(models.kontext, score.clip, score.lpips, score.vlm)
     md = write_report(
-        args.out, args.metrics, args.by_size, args.records, {name: Path(d) for name, d in args.method}, tiny=tiny
+        args.out, args.metrics, args.by_size, args.records, {name: Path(d) for name, d in args.method}, world=world
     )
     print(f"report: wrote {md}")
     return 0

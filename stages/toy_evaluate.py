@@ -18,6 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="the toy base (pipeline directory)")
     p.add_argument("--metrics", type=Path, required=True, help="metrics JSON")
     p.add_argument("--figure", type=Path, required=True, help="figure PNG")
+    p.add_argument("--report", type=Path, default=None, help="markdown report (next to the figure)")
+    p.add_argument("--judge", type=Path, default=None, help="the judge stage's metrics, quoted in the report")
     return p
 
 
@@ -28,14 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_section(args.params, "evaluate", EvaluateConfig)
     import torch
 
+    from regionroute.io import atomic_path, read_json
     from regionroute.models.kontext import load_kontext
-    from regionroute.toy.evaluate import evaluate_base, save_figure
+    from regionroute.toy.evaluate import base_report, evaluate_base, save_figure
 
     torch.manual_seed(cfg.seed)
     pipe = load_kontext(ModelsConfig(kontext=str(args.model), dtype="float32", device="cpu"))
     metrics, shown = evaluate_base(pipe, cfg, base.size, base.max_sequence_length)
     write_json(args.metrics, metrics)
     save_figure(args.figure, shown)
+    if args.report is not None:
+        with atomic_path(args.report) as tmp:
+            tmp.write_text(base_report(metrics, read_json(args.judge) if args.judge else None))
     s = metrics["summary"]
     print(
         f"toy evaluate: min style ratio {s['min_style_ratio']:.2f}, mean PSNR {s['mean_psnr']:.1f} dB, "

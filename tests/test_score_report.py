@@ -104,3 +104,19 @@ def test_score_config_rejects_bad_template():
 
     with pytest.raises(ConfigError, match=r"score\.template"):
         ScoreConfig(template="an image")
+
+
+def test_toy_claims_are_computed_from_the_metrics():
+    from regionroute.report import toy_claims, world_of
+
+    metrics = {
+        "kontext": {"mse_bg": 0.04, "lpips_bg": 0.2, "mse_fg": 0.010, "rsm_text": 0.30, "attn_mass_in": 0.10},
+        "regionroute": {"mse_bg": 0.01, "lpips_bg": 0.15, "mse_fg": 0.012, "rsm_text": 0.28, "attn_mass_in": 0.35},
+    }
+    table = toy_claims(metrics).splitlines()
+    verdicts = [line.rsplit("|", 2)[-2].strip() for line in table[2:]]
+    assert verdicts == ["holds", "**does not hold**", "holds", "holds", "holds"]
+    assert "0.250 (<= 0.5)" in table[2] and "3.500 (>= 3)" in table[6]
+    assert "not measured" in toy_claims({"kontext": {}, "regionroute": {}})
+    assert world_of("toy", "toy", "alex", "tiny") == "toy" and world_of("tiny", "tiny", "tiny", "tiny") == "demo"
+    assert world_of("black-forest-labs/FLUX.1-Kontext-dev", "ViT-L-14/openai", "alex", "Qwen/x") == "real"
