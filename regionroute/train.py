@@ -14,16 +14,18 @@ as the uninterrupted run would have (:mod:`regionroute.checkpoint`).
 Data parallel (DDP under ``accelerate launch``, docs/scaling.md): ``train.batch_size`` is
 per process, as in diffusers' scripts. Each micro-step draws the GLOBAL batch
 (``num_processes x batch_size`` samples, noise and sigmas) from that generator and gives
-each rank its slice, so N processes with batch b follow 1 process with batch N x b: the
-flow loss and its gradient (a mean over samples, averaged over ranks by DDP) agree up to
-float noise; the attention losses (means over each rank's non-empty masks) and the MoLE
-balance loss (a function of each rank's mean gate) are per-rank terms, so they differ
-slightly from the global-batch values when the ranks' masks or gates differ. DDP wraps
+each rank its slice, so N processes with batch b follow 1 process with batch N x b, up
+to float noise: the flow loss is a mean over samples (DDP averages the ranks' gradients);
+the MoLE balance loss is taken on the global batch's mean gate (one all-reduce, gradient
+through the rank's own gates); the attention losses, means over the usable (non-empty)
+masks, are weighted by the rank's share of the global batch's usable masks (one
+all-reduce), so their average over ranks is the global batch's mean even when the ranks
+hold different numbers of empty masks. DDP wraps
 :class:`~regionroute.lora_moe.RoutedTransformer` (transformer AND learned gate: every
 trainable parameter is all-reduced). Logged values are means over ranks (``n_empty``: the
-sum). Rank 0 alone writes checkpoints, logs and the model; every rank resumes from the
-same checkpoint; the checkpoint key holds the process count (a 2-process checkpoint is
-only resumed by 2 processes).
+sum; ``mass_inside``: the mean of the ranks' means). Rank 0 alone writes checkpoints,
+logs and the model; every rank resumes from the same checkpoint; the checkpoint key holds
+the process count (a 2-process checkpoint is only resumed by 2 processes).
 
 Resume is keyed on content: the checkpoint directory's fingerprint holds the digest of
 the encoded training tensors (so new pseudo-GT pixels, masks or instructions restart
@@ -177,12 +179,14 @@ class _Step:
         cfg: TrainConfig,
         loss_cfg: LossConfig,
         balance_weight: float,
+        mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         from regionroute.flux.flow import FlowSchedule, kontext_image_ids
         from regionroute.losses import AttentionLossConfig
 
         self.model, self.moe, self.recorder, self.cache, self.cfg = model, moe, recorder, cache, cfg
         self.loss_cfg, self.balance_weight = loss_cfg, balance_weight
+        self.mean_over_ranks = mean_over_ranks  # (t) -> mean of t over the processes, no grad; None: 1 process
         self.att_cfg = AttentionLossConfig(
             loss_cfg.focus_distribution, loss_cfg.tau, loss_cfg.cover_map, loss_cfg.alpha
         )
@@ -227,17 +231,33 @@ class _Step:
         else:
             pred = self.model(**route, **kwargs)[0][:, :n]
         flow = flow_loss(pred, x0, noise, self.schedule.loss_weight(sigma.view(-1, 1, 1)))
-        terms = {"flow": flow, "balance": self.moe.balance_loss()}
+        terms = {"flow": flow, "balance": self.moe.balance_loss(batch_mean=self._global_mean)}
         total = flow + self.balance_weight * terms["balance"]
         if self.supervise:
             h, w = c.mask_grid.shape[1:]
             masks = c.mask_grid[idx].to(dev)
             att = attention_losses(maps.view(b, h, w), masks, self.att_cfg)
-            terms |= {"focus": att["focus"], "cover": att["cover"], "n_empty": torch.tensor(float(att["n_empty"]))}
-            total = total + self.loss_cfg.focus_weight * att["focus"] + self.loss_cfg.cover_weight * att["cover"]
+            focus, cover = att["focus"], att["cover"]
+            if self.mean_over_ranks is not None:  # this rank's share of the global batch's usable masks:
+                used = torch.tensor(float(att["n_used"]), device=dev)  # DDP's average of the ranks' weighted
+                mean_used = self.mean_over_ranks(used)  # means is then the global batch's mean
+                share = used / mean_used if float(mean_used) > 0 else torch.zeros((), device=dev)
+                focus, cover = focus * share, cover * share
+            terms |= {"focus": focus, "cover": cover, "n_empty": torch.tensor(float(att["n_empty"]))}
+            total = total + self.loss_cfg.focus_weight * focus + self.loss_cfg.cover_weight * cover
             terms["mass_inside"] = torch.nanmean(attention_mass_inside(maps.detach().view(b, h, w), masks))
         terms["total"] = total
         return terms
+
+    def _global_mean(self, q: torch.Tensor) -> torch.Tensor:
+        """Value: ``q``'s mean over the processes (the global batch's mean gate); gradient: ``q``'s own.
+
+        DDP averages the ranks' gradients, which then equal the gradient of the balance loss
+        on the global batch's mean gate (a 1-process run with the global batch).
+        """
+        if self.mean_over_ranks is None:
+            return q
+        return q + (self.mean_over_ranks(q.detach()) - q).detach()
 
 
 def probe_attention(step_fn: _Step, n: int = 8, seed: int = 1234) -> dict[str, float]:
@@ -348,7 +368,10 @@ def train(
             scheduler.step()
     # DDP wraps the transformer AND the learned gate: every trainable parameter is all-reduced
     model, optimizer = accelerator.prepare(RoutedTransformer(moe), optimizer)
-    step_fn = _Step(pipe, model, moe, recorder, cache, cfg, loss_cfg, lora_cfg.balance_weight)
+    mean_over_ranks = None
+    if accelerator.num_processes > 1:
+        mean_over_ranks = lambda t: accelerator.reduce(t.detach().clone(), reduction="mean")  # noqa: E731
+    step_fn = _Step(pipe, model, moe, recorder, cache, cfg, loss_cfg, lora_cfg.balance_weight, mean_over_ranks)
     # dvclive logs live beside the checkpoints (same fingerprint, survive a resume) and are
     # copied to ``live_dir`` at the end (DVC deletes stage outputs before re-running a stage)
     live = None
