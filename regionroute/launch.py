@@ -175,6 +175,7 @@ def launch(module: str, main: Callable[[list[str] | None], int], argv: Sequence[
             except UserError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
+            print(f"{module}: GPU(s) {','.join(gpus)} leased", file=sys.stderr, flush=True)
     cmd = launch_command(module, argv, config, gpus if lease else ())
     try:
         return subprocess.run(cmd, env=dict(os.environ, **{_LAUNCHED_ENV: "1"}), check=False).returncode
