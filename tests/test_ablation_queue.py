@@ -82,6 +82,7 @@ def test_queued_ablations_run_on_two_workers_and_are_collected(tmp_path):
     assert status.count("Success") == 2 and "Failed" not in status, status + log
 
     names = [line.split()[1] for line in status.splitlines() if line.rstrip().endswith("Success")]
+    assert len(names) == 2, status
     for name in names:
         exp_log = _run(["dvc", "queue", "logs", name], repo, env)
         ran = set(re.findall(r"Running stage '([^']+)'", exp_log))
