@@ -5,8 +5,8 @@ METHOD.md §2 (model input) and §4-5. The flow-matching inputs come from
 ``diffusers.training_utils``); latents and text embeddings are computed once
 (:func:`encode_dataset`), then the VAE and text encoders are freed.
 
-The total loss is ``flow + w_focus * focus + w_cover * cover + w_balance * balance``.
-Mixed precision, gradient accumulation and multi-GPU (``accelerate launch``) come from
+The total loss is ``flow + w_focus * focus + w_cover * cover + w_balance * balance``
+(one micro-batch: :class:`regionroute.objective.Objective`). Mixed precision, gradient accumulation and multi-GPU (``accelerate launch``) come from
 accelerate. Every micro-batch (sample indices, noise, sigmas) is drawn from a generator
 seeded by ``(seed, step, micro)``, so a run resumed from a checkpoint continues exactly
 as the uninterrupted run would have (:mod:`regionroute.checkpoint`).
@@ -53,6 +53,7 @@ from tqdm import tqdm
 from regionroute.config import LossConfig, TrainConfig
 from regionroute.errors import DataError, UserError
 from regionroute.io import atomic_dir, prepare_resumable_dir, read_image, read_json, read_jsonl, read_mask, write_json
+from regionroute.objective import Objective, probe_attention
 
 __all__ = [
     "CODE_MODULES",
@@ -68,6 +69,7 @@ __all__ = [
 CODE_MODULES: tuple[str, ...] = (
     "regionroute.train",
     "regionroute.checkpoint",
+    "regionroute.objective",
     "regionroute.distributed",
     "regionroute.fingerprint",
     "regionroute.lora_moe.*",
@@ -166,116 +168,6 @@ def encode_dataset(
     )
 
 
-class _Step:
-    """One forward of the flow-matching + attention objective on a micro-batch."""
-
-    def __init__(
-        self,
-        pipe: Any,
-        model: Any,
-        moe: Any,
-        recorder: Any,
-        cache: TrainCache,
-        cfg: TrainConfig,
-        loss_cfg: LossConfig,
-        balance_weight: float,
-        mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> None:
-        from regionroute.flux.flow import FlowSchedule, kontext_image_ids
-        from regionroute.losses import AttentionLossConfig
-
-        self.model, self.moe, self.recorder, self.cache, self.cfg = model, moe, recorder, cache, cfg
-        self.loss_cfg, self.balance_weight = loss_cfg, balance_weight
-        self.mean_over_ranks = mean_over_ranks  # (t) -> mean of t over the processes, no grad; None: 1 process
-        self.att_cfg = AttentionLossConfig(
-            loss_cfg.focus_distribution, loss_cfg.tau, loss_cfg.cover_map, loss_cfg.alpha
-        )
-        self.schedule = FlowSchedule(
-            pipe.scheduler.config, cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale
-        )
-        self.device = next(moe.transformer.parameters()).device
-        self.dtype = next(moe.transformer.parameters()).dtype
-        self.img_ids = kontext_image_ids(cache.latent_hw, self.device, self.dtype)
-        self.supervise = loss_cfg.focus_weight > 0 or loss_cfg.cover_weight > 0
-
-    def draw(self, gen: torch.Generator, batch_size: int, ranks: int = 1, rank: int = 0) -> dict[str, torch.Tensor]:
-        """Rank ``rank``'s slice of the global micro-batch: ``ranks x batch_size`` samples drawn from ``gen``."""
-        n = batch_size * ranks
-        idx = torch.randint(self.cache.n_records, (n,), generator=gen)
-        noise = torch.randn(self.cache.x0[idx].shape, generator=gen)
-        sigma = self.schedule.sample(n, gen)
-        mine = slice(rank * batch_size, (rank + 1) * batch_size)
-        return {"idx": idx[mine], "noise": noise[mine], "sigma": sigma[mine]}
-
-    def __call__(self, draw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from regionroute.flux.flow import flow_loss, noisy, transformer_inputs
-        from regionroute.losses import attention_losses
-        from regionroute.metrics.attention import attention_mass_inside
-
-        c, dev = self.cache, self.device
-        idx = draw["idx"]
-        x0, noise, sigma = c.x0[idx].to(dev), draw["noise"].to(dev), draw["sigma"].to(dev)
-        n = x0.shape[1]
-        b = x0.shape[0]
-        route = {"style_ids": c.style_ids[idx].to(dev), "pooled": c.pooled[idx].to(dev)}  # routed in the forward
-        kwargs = transformer_inputs(
-            noisy(x0, noise, sigma), c.context[idx].to(dev), sigma, c.prompt_embeds[idx], c.pooled[idx],
-            self.img_ids, self.cfg.guidance, self.dtype,
-        )  # fmt: skip
-        if self.supervise:
-            with self.recorder.capture(
-                style_mask=c.style_mask[idx].to(dev), n_text=c.prompt_embeds.shape[1], n_target=n
-            ):
-                pred = self.model(**route, **kwargs)[0][:, :n]
-            maps = self.recorder.maps()  # (B, N) float32
-        else:
-            pred = self.model(**route, **kwargs)[0][:, :n]
-        flow = flow_loss(pred, x0, noise, self.schedule.loss_weight(sigma.view(-1, 1, 1)))
-        terms = {"flow": flow, "balance": self.moe.balance_loss(batch_mean=self._global_mean)}
-        total = flow + self.balance_weight * terms["balance"]
-        if self.supervise:
-            h, w = c.mask_grid.shape[1:]
-            masks = c.mask_grid[idx].to(dev)
-            att = attention_losses(maps.view(b, h, w), masks, self.att_cfg)
-            focus, cover = att["focus"], att["cover"]
-            if self.mean_over_ranks is not None:  # this rank's share of the global batch's usable masks:
-                used = torch.tensor(float(att["n_used"]), device=dev)  # DDP's average of the ranks' weighted
-                mean_used = self.mean_over_ranks(used)  # means is then the global batch's mean
-                share = used / mean_used if float(mean_used) > 0 else torch.zeros((), device=dev)
-                focus, cover = focus * share, cover * share
-            terms |= {"focus": focus, "cover": cover, "n_empty": torch.tensor(float(att["n_empty"]))}
-            total = total + self.loss_cfg.focus_weight * focus + self.loss_cfg.cover_weight * cover
-            terms["mass_inside"] = torch.nanmean(attention_mass_inside(maps.detach().view(b, h, w), masks))
-        terms["total"] = total
-        return terms
-
-    def _global_mean(self, q: torch.Tensor) -> torch.Tensor:
-        """Value: ``q``'s mean over the processes (the global batch's mean gate); gradient: ``q``'s own.
-
-        DDP averages the ranks' gradients, which then equal the gradient of the balance loss
-        on the global batch's mean gate (a 1-process run with the global batch).
-        """
-        if self.mean_over_ranks is None:
-            return q
-        return q + (self.mean_over_ranks(q.detach()) - q).detach()
-
-
-def probe_attention(step_fn: _Step, n: int = 8, seed: int = 1234) -> dict[str, float]:
-    """Attention terms on a FIXED set of samples, noise and sigmas (no grad): comparable over training."""
-    if not step_fn.supervise:
-        return {}
-    gen = torch.Generator().manual_seed(seed)
-    n = min(n, step_fn.cache.n_records)
-    draw = {
-        "idx": torch.arange(n),
-        "noise": torch.randn(step_fn.cache.x0[:n].shape, generator=gen),
-        "sigma": torch.linspace(0.3, 0.7, n),
-    }
-    with torch.no_grad():
-        terms = step_fn(draw)
-    return {k: float(terms[k]) for k in ("focus", "cover", "mass_inside")}
-
-
 def _make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw8bit":
         if not torch.cuda.is_available():
@@ -371,7 +263,7 @@ def train(
     mean_over_ranks = None
     if accelerator.num_processes > 1:
         mean_over_ranks = lambda t: accelerator.reduce(t.detach().clone(), reduction="mean")  # noqa: E731
-    step_fn = _Step(pipe, model, moe, recorder, cache, cfg, loss_cfg, lora_cfg.balance_weight, mean_over_ranks)
+    step_fn = Objective(pipe, model, moe, recorder, cache, cfg, loss_cfg, lora_cfg.balance_weight, mean_over_ranks)
     # dvclive logs live beside the checkpoints (same fingerprint, survive a resume) and are
     # copied to ``live_dir`` at the end (DVC deletes stage outputs before re-running a stage)
     live = None
