@@ -94,9 +94,9 @@ def _stage(argv: list[str], env: dict[str, str]) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--processes", type=int, default=2, help="N of the accelerate-N mode")
-    p.add_argument("--pairs", type=int, default=24)
+    p.add_argument("--pairs", type=int, default=48)
     p.add_argument("--size", type=int, default=256, help="image side in pixels (multiple of 16)")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--model", default="tiny")
     p.add_argument("--dtype", default="float32")
