@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -81,14 +82,17 @@ def _params(path: Path, args: argparse.Namespace) -> Path:
     return path
 
 
-def _stage(argv: list[str], env: dict[str, str]) -> float:
+def _stage(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + sys of the stage and its workers) of one stage run."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "stages.infer", *argv], cwd=ROOT, env=env, capture_output=True,
                           text=True, check=False)  # fmt: skip
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"infer failed ({' '.join(argv)}):\n{proc.stderr[-3000:]}")
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -121,14 +125,17 @@ def main() -> None:
         if args.device == "cpu":
             base["CUDA_VISIBLE_DEVICES"] = ""
         _stage([*argv, "--out", str(work / "warmup")], dict(base, REGIONROUTE_ACCELERATE_CONFIG="none"))  # builds
-        times: dict[str, dict[str, list[float]]] = {m: {"total": [], "startup": []} for m in modes}
+        times: dict[str, dict[str, list[float]]] = {m: {"total": [], "startup": [], "cpu": []} for m in modes}
         for r in range(args.repeats):
             for mode, (n, config) in modes.items():
                 env = dict(base, REGIONROUTE_ACCELERATE_CONFIG=str(config) if config else "none")
                 env["OMP_NUM_THREADS"] = str(max(1, args.cores // n))
                 out = work / f"out-{mode}-{r}"
-                times[mode]["total"].append(_stage([*argv, "--out", str(out)], env))
-                times[mode]["startup"].append(_stage([*argv, "--out", str(out)], env))  # every pair kept
+                total, cpu = _stage([*argv, "--out", str(out)], env)
+                startup, _ = _stage([*argv, "--out", str(out)], env)  # every pair kept: start-up, load, plan
+                times[mode]["total"].append(total)
+                times[mode]["cpu"].append(cpu)
+                times[mode]["startup"].append(startup)
                 shutil.rmtree(out)
         rows = {}
         for mode, (n, _) in modes.items():
@@ -143,12 +150,21 @@ def main() -> None:
                 "items_per_s_end_to_end": round(args.pairs / total, 3),
                 "total_s_all": [round(t, 2) for t in times[mode]["total"]],
                 "startup_s_all": [round(t, 2) for t in times[mode]["startup"]],
+                # CPU seconds / (wall x cores) of the edit run: how much of the machine the run got
+                "cpu_share_all": [round(c / (t * args.cores), 2) for c, t in zip(times[mode]["cpu"],
+                                                                                  times[mode]["total"], strict=True)],
             }  # fmt: skip
             print(json.dumps(rows[mode]), flush=True)
         one, many = rows["python"], rows[f"accelerate-{args.processes}"]
+        rounds = [  # items/s ratio within each round (runs minutes apart see the same machine load)
+            (t1 - s1) / max(tn - sn, 1e-9)
+            for t1, s1, tn, sn in zip(times["python"]["total"], times["python"]["startup"],
+                                      many["total_s_all"], many["startup_s_all"], strict=True)
+        ]  # fmt: skip
         print(json.dumps({
             "benchmark": "scaling", "summary": True, "processes": args.processes,
             "speedup": round(many["items_per_s"] / one["items_per_s"], 3),
+            "speedup_per_round": [round(x, 3) for x in rounds],
             "speedup_end_to_end": round(many["items_per_s_end_to_end"] / one["items_per_s_end_to_end"], 3),
             "launcher_overhead_s": round(rows["accelerate-1"]["startup_s"] - one["startup_s"], 2),
             f"startup_overhead_{args.processes}_processes_s": round(many["startup_s"] - one["startup_s"], 2),

@@ -6,10 +6,11 @@ METHOD.md §2 (model input) and §4-5. The flow-matching inputs come from
 (:func:`encode_dataset`), then the VAE and text encoders are freed.
 
 The total loss is ``flow + w_focus * focus + w_cover * cover + w_balance * balance``
-(one micro-batch: :class:`regionroute.objective.Objective`). Mixed precision, gradient accumulation and multi-GPU (``accelerate launch``) come from
-accelerate. Every micro-batch (sample indices, noise, sigmas) is drawn from a generator
-seeded by ``(seed, step, micro)``, so a run resumed from a checkpoint continues exactly
-as the uninterrupted run would have (:mod:`regionroute.checkpoint`).
+(one micro-batch: :class:`regionroute.objective.Objective`). Mixed precision, gradient
+accumulation and multi-GPU (``accelerate launch``) come from accelerate. Every
+micro-batch (sample indices, noise, sigmas) is drawn from a generator seeded by
+``(seed, step, micro)``, so a run resumed from a checkpoint continues exactly as the
+uninterrupted run would have (:mod:`regionroute.checkpoint`).
 
 Data parallel (DDP under ``accelerate launch``, docs/scaling.md): ``train.batch_size`` is
 per process, as in diffusers' scripts. Each micro-step draws the GLOBAL batch

@@ -1,9 +1,10 @@
 """Ablations in parallel: queued DVC experiments, 2 queue workers, collected by ``regionroute ablations``.
 
 The recipe of docs/scaling.md on a very small demo in a temporary git clone of HEAD:
-``dvc repro`` (the baseline), two paper ablation rows queued with ``dvc exp run --queue
--S ...``, run by two workers (``dvc exp run --run-all -j 2``, i.e. ``dvc queue start -j 2``
-and wait), then ``regionroute ablations``. The workers get
+``dvc repro infer@kontext infer@oracle`` (data and baselines, committed), two paper
+ablation rows queued with ``dvc exp run --queue -S ...``, run by two workers (``dvc exp
+run --run-all -j 2``, i.e. ``dvc queue start -j 2`` and wait), then ``regionroute
+ablations``. The workers get
 ``REGIONROUTE_ACCELERATE_CONFIG`` (a 1-process config over a pool of two GPU ids), so every
 heavy stage inside a queue worker starts through the launcher and leases one id from the
 pool (on this CPU machine the ids select nothing; on a GPU node they are the GPUs).
@@ -70,9 +71,9 @@ def test_queued_ablations_run_on_two_workers_and_are_collected(tmp_path):
     (repo / "accelerate_queue.yaml").write_text(ONE_GPU_EACH)  # committed: a relative path works in the
     _run(["git", "add", "-A"], repo, env)  # workers' temporary workspaces
     _run(["git", "commit", "-qm", "tiny demo + queue accelerate config"], repo, env)
-    _run(["dvc", "repro"], repo, env)
+    _run(["dvc", "repro", "infer@kontext", "infer@oracle"], repo, env)  # data + baselines, as the recipe
     _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "baseline"], repo, env)
+    _run(["git", "commit", "-qm", "pseudo-GT and baselines"], repo, env)
 
     for ablation in ABLATIONS:
         _run(["dvc", "exp", "run", "--queue", "-S", ablation], repo, env)
