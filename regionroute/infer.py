@@ -33,6 +33,13 @@ Resumable, keyed on content (:mod:`regionroute.fingerprint`): the directory's fi
 holds the method, params, base model files, experts and code; each pair's marker holds
 the digest of its input image bytes (the pseudo-GT's for ``oracle``), instruction and
 seed. Unchanged pairs are kept, changed ones recomputed, vanished ones pruned.
+
+Data-parallel (:mod:`regionroute.distributed`): under ``accelerate launch`` rank 0
+prepares the directory and decides the to-do list (sorted by style, then id), each rank
+edits its contiguous slice (so a rank merges each of its styles once) and writes its
+pairs and markers, and rank 0 writes the manifest after a barrier. Seeds are per pair:
+the outputs do not depend on the number of processes, up to float noise from the batch
+composition.
 """
 
 from __future__ import annotations
@@ -183,6 +190,7 @@ def _save_npz(path: Path, maps: np.ndarray, steps: tuple[int, ...]) -> None:
 #: Modules that define the edited pixels and maps (the regionroute/ deps of ``infer`` in dvc.yaml).
 CODE_MODULES: tuple[str, ...] = (
     "regionroute.infer",
+    "regionroute.distributed",
     "regionroute.fingerprint",
     "regionroute.lora_moe.*",
     "regionroute.flux.*",
@@ -235,8 +243,10 @@ def run_method(
     """Run one method over every eval record (pair x style); returns how many were generated now.
 
     ``models``: the ``models`` params section (:class:`~regionroute.config.ModelsConfig`)
-    the editor's pipeline was loaded from; part of the resume key.
+    the editor's pipeline was loaded from; part of the resume key. Under several
+    processes the count is the total over all of them.
     """
+    from regionroute import distributed as dist
     from regionroute.fingerprint import ItemStore
 
     if method not in METHODS:
@@ -250,28 +260,34 @@ def run_method(
     if method != "oracle" and (models is None or cfg.max_sequence_length is None):
         raise ValueError(f"method {method} needs the models section and a resolved text length")
     model_dir = model_dir if method == "regionroute" else None  # only regionroute depends on the experts
-    out_dir = prepare_resumable_dir(out_dir, _fingerprint(method, cfg, models, model_dir))
-    (out_dir / "manifest.jsonl").unlink(missing_ok=True)
     store = ItemStore(out_dir)
-    store.prune({r["id"] for r in records}, ["images", "attention", "figures"])
-    keys = {r["id"]: _item_key(method, root, r, cfg) for r in records}
-    todo = [r for r in records if not store.done(r["id"], keys[r["id"]], [f"images/{r['id']}.png"])]
+
+    def prepare() -> list[tuple[dict[str, Any], str]]:
+        """Rank 0: key the output dir, prune, list (record, key) of the pairs to edit, by style then id."""
+        prepare_resumable_dir(out_dir, _fingerprint(method, cfg, models, model_dir))
+        (out_dir / "manifest.jsonl").unlink(missing_ok=True)
+        store.prune({r["id"] for r in records}, ["images", "attention", "figures"])
+        keyed = [(r, _item_key(method, root, r, cfg)) for r in sorted(records, key=lambda r: (r["style"], r["id"]))]
+        return [(r, key) for r, key in keyed if not store.done(r["id"], key, [f"images/{r['id']}.png"])]
+
+    todo = dist.plan(prepare)
+    mine = dist.shard(todo)
     att_steps = tuple(cfg.attention_steps)
-    with tqdm(total=len(records), initial=len(records) - len(todo), desc=f"infer {method}", unit="img") as bar:
-        for style in sorted({r["style"] for r in todo}):
-            group = [r for r in todo if r["style"] == style]
+    with tqdm(total=len(mine), desc=f"infer {method}", unit="img", disable=not dist.is_main()) as bar:
+        for style in sorted({r["style"] for r, _ in mine}):
+            group = [(r, key) for r, key in mine if r["style"] == style]
             for start in range(0, len(group), cfg.batch_size):
                 batch = group[start : start + cfg.batch_size]
                 if method == "oracle":  # the pseudo-GT of the eval split is exactly global stylization + GT mask
-                    for r in batch:
+                    for r, key in batch:
                         write_image(out_dir / "images" / f"{r['id']}.png", read_image(root / r["pseudo_gt"]))
-                        store.mark(r["id"], keys[r["id"]])
+                        store.mark(r["id"], key)
                     bar.update(len(batch))
                     continue
-                images = [read_image(root / r["original"]) for r in batch]
-                seeds = [cfg.seed + int(r["image_id"]) for r in batch]
-                outs, maps = editor.edit(images, [r["object"] for r in batch], style, seeds)
-                for i, r in enumerate(batch):
+                images = [read_image(root / r["original"]) for r, _ in batch]
+                seeds = [cfg.seed + int(r["image_id"]) for r, _ in batch]
+                outs, maps = editor.edit(images, [r["object"] for r, _ in batch], style, seeds)
+                for i, (r, key) in enumerate(batch):
                     if maps is not None:
                         _save_npz(out_dir / "attention" / f"{r['id']}.npz", maps[i], att_steps)
                         if cfg.figures:
@@ -283,29 +299,32 @@ def run_method(
                                 title=f"{method}: {cfg.instruction.format(object=r['object'], style=style)}",
                             )
                     write_image(out_dir / "images" / f"{r['id']}.png", outs[i])
-                    store.mark(r["id"], keys[r["id"]])  # last: the pair is done for exactly these inputs
+                    store.mark(r["id"], key)  # last: the pair is done for exactly these inputs
                 bar.update(len(batch))
     if editor is not None:
         editor.close()
+    dist.barrier()  # every rank's pairs are written
     has_maps = method != "oracle" and bool(att_steps)
-    write_jsonl(
-        out_dir / "manifest.jsonl",
-        (
-            {
-                "id": r["id"],
-                "sample_id": r["sample_id"],
-                "image_id": r["image_id"],
-                "style": r["style"],
-                "object": r["object"],
-                "method": method,
-                "seed": cfg.seed + int(r["image_id"]),
-                "instruction": cfg.instruction.format(object=r["object"], style=r["style"]),
-                "image": f"images/{r['id']}.png",
-                "attention": f"attention/{r['id']}.npz" if has_maps else None,
-                "area": r["area"],
-                "area_frac": r["area_frac"],
-            }
-            for r in records
-        ),
-    )
+    if dist.is_main():
+        write_jsonl(
+            out_dir / "manifest.jsonl",
+            (
+                {
+                    "id": r["id"],
+                    "sample_id": r["sample_id"],
+                    "image_id": r["image_id"],
+                    "style": r["style"],
+                    "object": r["object"],
+                    "method": method,
+                    "seed": cfg.seed + int(r["image_id"]),
+                    "instruction": cfg.instruction.format(object=r["object"], style=r["style"]),
+                    "image": f"images/{r['id']}.png",
+                    "attention": f"attention/{r['id']}.npz" if has_maps else None,
+                    "area": r["area"],
+                    "area_frac": r["area_frac"],
+                }
+                for r in records
+            ),
+        )
+    dist.barrier()  # the manifest is written when any rank returns
     return len(todo)

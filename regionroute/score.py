@@ -16,6 +16,13 @@ METHOD.md §7. For each method's ``infer`` output and every eval pair x style:
 Models are built once for the whole stage; images are scored in batches. Writes a
 per-sample table (CSV, for pandas), a size-stratified table, and the per-method means
 as a JSON metrics file for ``dvc metrics show`` / ``dvc metrics diff``.
+
+Data-parallel (:mod:`regionroute.distributed`): under ``accelerate launch`` the
+(method, pair) rows are split in contiguous slices over the processes, each scores its
+slice with its own models, and the per-sample frames are gathered (in row order) to every
+rank; rank 0 writes the files. A row's scores do not depend on the other rows of its
+batch (the VLM prompts are left-padded, the negative style is seeded by the sample id),
+so N processes give the per-sample scores of one, up to float noise.
 """
 
 from __future__ import annotations
@@ -74,31 +81,42 @@ def _attention(manifest_dir: Path, rows: list[dict[str, Any]], masks: list[np.nd
 def score_methods(
     methods: dict[str, Path], records_path: Path, cfg: ScoreConfig, styles: tuple[str, ...], chunk: int = 64
 ) -> pd.DataFrame:
-    """Per-sample scores of every method (``name -> infer output dir``), one row per method x pair x style."""
+    """Per-sample scores of every method (``name -> infer output dir``), one row per method x pair x style.
+
+    Under several processes each scores its slice of the rows; every rank returns the whole table.
+    """
+    from regionroute import distributed as dist
     from regionroute.metrics.rses import RSESScorer
     from regionroute.metrics.size import add_size_bucket
     from regionroute.metrics.vlm import VLMJudge
 
     records = {r["id"]: r for r in read_jsonl(records_path)}
     root = records_path.parent
-    rses = RSESScorer(
-        cfg.clip, cfg.lpips, device=cfg.device, dilate=cfg.dilate, template=cfg.template, batch_size=cfg.batch_size
-    )
-    judge = VLMJudge(
-        cfg.vlm,
-        device=cfg.device,
-        dtype=cfg.vlm_dtype,
-        batch_size=cfg.vlm_batch_size,
-        seed=cfg.seed,
-        max_pixels=cfg.vlm_max_pixels,
-    )
-    frames = []
+    jobs: list[tuple[str, Path, dict[str, Any]]] = []  # (method, infer dir, manifest row), in output order
     for method, out_dir in methods.items():
         rows = read_jsonl(out_dir / "manifest.jsonl")
         missing = [r["id"] for r in rows if r["id"] not in records]
         if missing:
             raise DataError(f"{out_dir / 'manifest.jsonl'}: pair {missing[0]} is not in {records_path}")
-        for start in tqdm(range(0, len(rows), chunk), desc=f"score {method}", unit="chunk"):
+        jobs += [(method, out_dir, r) for r in rows]
+    mine = dist.shard(jobs)
+    with dist.main_first():  # every rank loads the models (a rank with no rows too: the block has barriers)
+        rses = RSESScorer(
+            cfg.clip, cfg.lpips, device=cfg.device, dilate=cfg.dilate, template=cfg.template, batch_size=cfg.batch_size
+        )
+        judge = VLMJudge(
+            cfg.vlm,
+            device=cfg.device,
+            dtype=cfg.vlm_dtype,
+            batch_size=cfg.vlm_batch_size,
+            seed=cfg.seed,
+            max_pixels=cfg.vlm_max_pixels,
+        )
+    frames = []
+    for method, out_dir in methods.items():
+        rows = [r for m, _, r in mine if m == method]
+        starts = range(0, len(rows), chunk)
+        for start in tqdm(starts, desc=f"score {method}", unit="chunk", disable=not dist.is_main() or not rows):
             part = rows[start : start + chunk]
             recs = [records[r["id"]] for r in part]
             edited = [read_image(out_dir / r["image"]) for r in part]
@@ -116,6 +134,7 @@ def score_methods(
             frame["object"] = [r["object"] for r in recs]
             frame["area"] = [float(r["area"]) for r in recs]
             frames.append(frame)
+    frames = [f for part in dist.gather(frames) for f in part]  # rank order = row order (contiguous slices)
     return add_size_bucket(pd.concat(frames, ignore_index=True))
 
 

@@ -15,6 +15,12 @@ fingerprint holds the params, the model files' digest and the code; each image's
 holds the digest of its input image's bytes and its seed. A re-run keeps exactly the
 images whose key is unchanged (the DVC output is ``persist: true``), recomputes the
 others, and prunes images of samples no longer in the manifest.
+
+Data-parallel (:mod:`regionroute.distributed`): under ``accelerate launch`` rank 0
+prepares each split directory and decides the to-do list, every rank stylizes its slice
+and writes its images and markers, and rank 0 writes the manifest after a barrier. Seeds
+are per image, so the images do not depend on the number of processes (up to float
+noise from the batch composition).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ __all__ = ["CODE_MODULES", "fingerprint", "stylize_batch", "stylize_splits"]
 #: Modules that define the stylized pixels (the regionroute/ deps of ``stylize`` in dvc.yaml).
 CODE_MODULES: tuple[str, ...] = (
     "regionroute.stylize",
+    "regionroute.distributed",
     "regionroute.fingerprint",
     "regionroute.flux.pipeline",
     "regionroute.models",
@@ -79,47 +86,61 @@ def stylize_splits(
     cfg: StylizeConfig,
     models: ModelsConfig,
 ) -> dict[str, int]:
-    """Stylize every sample of every split in ``samples`` (name -> sample dir) into ``out_dir``."""
+    """Stylize every sample of every split in ``samples`` (name -> sample dir) into ``out_dir``.
+
+    Returns how many images were generated per split (by all processes together).
+    """
+    from regionroute import distributed as dist
+    from regionroute.fingerprint import ItemStore, file_digest, json_digest
+
     for split in sorted(samples):
         if not (samples[split] / "manifest.jsonl").is_file():
             raise DataError(f"{samples[split] / 'manifest.jsonl'}: file not found (run the sample stage first)")
-    from regionroute.fingerprint import ItemStore, file_digest, json_digest
-
     prompt = cfg.instruction.format(style=style)
     fp = fingerprint(cfg, models, style)
     counts = {}
     for split in sorted(samples):
-        split_dir = prepare_resumable_dir(out_dir / split, fp)
+        split_dir = out_dir / split
         store = ItemStore(split_dir)
         records = read_jsonl(samples[split] / "manifest.jsonl")
-        (split_dir / "manifest.jsonl").unlink(missing_ok=True)
-        store.prune({r["id"] for r in records}, ["images"])
-        keys = {r["id"]: json_digest([file_digest(samples[split] / r["image"]), cfg.seed + int(r["image_id"])])
-                for r in records}  # fmt: skip
-        todo = [r for r in records if not store.done(r["id"], keys[r["id"]], [f"images/{r['id']}.png"])]
-        with tqdm(
-            total=len(records), initial=len(records) - len(todo), desc=f"stylize {style} {split}", unit="img"
-        ) as bar:
-            for start in range(0, len(todo), cfg.batch_size):
-                batch = todo[start : start + cfg.batch_size]
-                images = [read_image(samples[split] / r["image"]) for r in batch]
-                seeds = [cfg.seed + int(r["image_id"]) for r in batch]
-                for r, out in zip(batch, stylize_batch(pipe, images, [prompt] * len(batch), seeds, cfg), strict=True):
+
+        def prepare(records=records, split=split, split_dir=split_dir, store=store) -> list[tuple[dict, str]]:
+            """Rank 0: key the output dir, prune, and list (record, key) of the images to make, by id."""
+            prepare_resumable_dir(split_dir, fp)
+            (split_dir / "manifest.jsonl").unlink(missing_ok=True)
+            store.prune({r["id"] for r in records}, ["images"])
+            keyed = [(r, json_digest([file_digest(samples[split] / r["image"]), cfg.seed + int(r["image_id"])]))
+                     for r in sorted(records, key=lambda r: r["id"])]  # fmt: skip
+            return [(r, key) for r, key in keyed if not store.done(r["id"], key, [f"images/{r['id']}.png"])]
+
+        todo = dist.plan(prepare)
+        mine = dist.shard(todo)
+        desc = f"stylize {style} {split}"
+        with tqdm(total=len(mine), desc=desc, unit="img", disable=not dist.is_main()) as bar:
+            for start in range(0, len(mine), cfg.batch_size):
+                batch = mine[start : start + cfg.batch_size]
+                images = [read_image(samples[split] / r["image"]) for r, _ in batch]
+                seeds = [cfg.seed + int(r["image_id"]) for r, _ in batch]
+                outs = stylize_batch(pipe, images, [prompt] * len(batch), seeds, cfg)
+                for (r, key), out in zip(batch, outs, strict=True):
                     write_image(split_dir / "images" / f"{r['id']}.png", out)
-                    store.mark(r["id"], keys[r["id"]])
+                    store.mark(r["id"], key)  # last: the image is done for exactly these inputs
                 bar.update(len(batch))
-        write_jsonl(
-            split_dir / "manifest.jsonl",
-            (
-                {
-                    "id": r["id"],
-                    "style": style,
-                    "stylized": f"images/{r['id']}.png",
-                    "seed": cfg.seed + int(r["image_id"]),
-                    "instruction": prompt,
-                }
-                for r in records
-            ),
-        )
+        dist.barrier()  # every rank's images are written
+        if dist.is_main():
+            write_jsonl(
+                split_dir / "manifest.jsonl",
+                (
+                    {
+                        "id": r["id"],
+                        "style": style,
+                        "stylized": f"images/{r['id']}.png",
+                        "seed": cfg.seed + int(r["image_id"]),
+                        "instruction": prompt,
+                    }
+                    for r in records
+                ),
+            )
         counts[split] = len(todo)
+    dist.barrier()  # the manifests are written when any rank returns
     return counts

@@ -5,11 +5,28 @@ METHOD.md §2 (model input) and §4-5. The flow-matching inputs come from
 ``diffusers.training_utils``); latents and text embeddings are computed once
 (:func:`encode_dataset`), then the VAE and text encoders are freed.
 
-The total loss is ``flow + w_focus * focus + w_cover * cover + w_balance * balance``.
-Mixed precision, gradient accumulation and multi-GPU (``accelerate launch``) come from
-accelerate. Every micro-batch (sample indices, noise, sigmas) is drawn from a generator
-seeded by ``(seed, step, micro, process)``, so a run resumed from a checkpoint continues
-exactly as the uninterrupted run would have (:mod:`regionroute.checkpoint`).
+The total loss is ``flow + w_focus * focus + w_cover * cover + w_balance * balance``
+(one micro-batch: :class:`regionroute.objective.Objective`). Mixed precision, gradient
+accumulation and multi-GPU (``accelerate launch``) come from accelerate. Every
+micro-batch (sample indices, noise, sigmas) is drawn from a generator seeded by
+``(seed, step, micro)``, so a run resumed from a checkpoint continues exactly as the
+uninterrupted run would have (:mod:`regionroute.checkpoint`).
+
+Data parallel (DDP under ``accelerate launch``, docs/scaling.md): ``train.batch_size`` is
+per process, as in diffusers' scripts. Each micro-step draws the GLOBAL batch
+(``num_processes x batch_size`` samples, noise and sigmas) from that generator and gives
+each rank its slice, so N processes with batch b follow 1 process with batch N x b, up
+to float noise: the flow loss is a mean over samples (DDP averages the ranks' gradients);
+the MoLE balance loss is taken on the global batch's mean gate (one all-reduce, gradient
+through the rank's own gates); the attention losses, means over the usable (non-empty)
+masks, are weighted by the rank's share of the global batch's usable masks (one
+all-reduce), so their average over ranks is the global batch's mean even when the ranks
+hold different numbers of empty masks. DDP wraps
+:class:`~regionroute.lora_moe.RoutedTransformer` (transformer AND learned gate: every
+trainable parameter is all-reduced). Logged values are means over ranks (``n_empty``: the
+sum; ``mass_inside``: the mean of the ranks' means). Rank 0 alone writes checkpoints,
+logs and the model; every rank resumes from the same checkpoint; the checkpoint key holds
+the process count (a 2-process checkpoint is only resumed by 2 processes).
 
 Resume is keyed on content: the checkpoint directory's fingerprint holds the digest of
 the encoded training tensors (so new pseudo-GT pixels, masks or instructions restart
@@ -25,6 +42,7 @@ import json
 import shutil
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -36,6 +54,7 @@ from tqdm import tqdm
 from regionroute.config import LossConfig, TrainConfig
 from regionroute.errors import DataError, UserError
 from regionroute.io import atomic_dir, prepare_resumable_dir, read_image, read_json, read_jsonl, read_mask, write_json
+from regionroute.objective import Objective, probe_attention
 
 __all__ = [
     "CODE_MODULES",
@@ -51,6 +70,8 @@ __all__ = [
 CODE_MODULES: tuple[str, ...] = (
     "regionroute.train",
     "regionroute.checkpoint",
+    "regionroute.objective",
+    "regionroute.distributed",
     "regionroute.fingerprint",
     "regionroute.lora_moe.*",
     "regionroute.flux.*",
@@ -148,95 +169,6 @@ def encode_dataset(
     )
 
 
-class _Step:
-    """One forward of the flow-matching + attention objective on a micro-batch."""
-
-    def __init__(
-        self,
-        pipe: Any,
-        transformer: Any,
-        moe: Any,
-        recorder: Any,
-        cache: TrainCache,
-        cfg: TrainConfig,
-        loss_cfg: LossConfig,
-        balance_weight: float,
-    ) -> None:
-        from regionroute.flux.flow import FlowSchedule, kontext_image_ids
-        from regionroute.losses import AttentionLossConfig
-
-        self.transformer, self.moe, self.recorder, self.cache, self.cfg = transformer, moe, recorder, cache, cfg
-        self.loss_cfg, self.balance_weight = loss_cfg, balance_weight
-        self.att_cfg = AttentionLossConfig(
-            loss_cfg.focus_distribution, loss_cfg.tau, loss_cfg.cover_map, loss_cfg.alpha
-        )
-        self.schedule = FlowSchedule(
-            pipe.scheduler.config, cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale
-        )
-        self.device = next(transformer.parameters()).device
-        self.dtype = next(transformer.parameters()).dtype
-        self.img_ids = kontext_image_ids(cache.latent_hw, self.device, self.dtype)
-        self.supervise = loss_cfg.focus_weight > 0 or loss_cfg.cover_weight > 0
-
-    def draw(self, gen: torch.Generator, batch_size: int) -> dict[str, torch.Tensor]:
-        """Sample indices, noise and sigmas for one micro-batch from ``gen``."""
-        idx = torch.randint(self.cache.n_records, (batch_size,), generator=gen)
-        noise = torch.randn(self.cache.x0[idx].shape, generator=gen)
-        return {"idx": idx, "noise": noise, "sigma": self.schedule.sample(batch_size, gen)}
-
-    def __call__(self, draw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from regionroute.flux.flow import flow_loss, noisy, transformer_inputs
-        from regionroute.losses import attention_losses
-        from regionroute.metrics.attention import attention_mass_inside
-
-        c, dev = self.cache, self.device
-        idx = draw["idx"]
-        x0, noise, sigma = c.x0[idx].to(dev), draw["noise"].to(dev), draw["sigma"].to(dev)
-        n = x0.shape[1]
-        b = x0.shape[0]
-        self.moe.route(style_ids=c.style_ids[idx].to(dev), pooled=c.pooled[idx].to(dev))
-        kwargs = transformer_inputs(
-            noisy(x0, noise, sigma), c.context[idx].to(dev), sigma, c.prompt_embeds[idx], c.pooled[idx],
-            self.img_ids, self.cfg.guidance, self.dtype,
-        )  # fmt: skip
-        if self.supervise:
-            with self.recorder.capture(
-                style_mask=c.style_mask[idx].to(dev), n_text=c.prompt_embeds.shape[1], n_target=n
-            ):
-                pred = self.transformer(**kwargs)[0][:, :n]
-            maps = self.recorder.maps()  # (B, N) float32
-        else:
-            pred = self.transformer(**kwargs)[0][:, :n]
-        flow = flow_loss(pred, x0, noise, self.schedule.loss_weight(sigma.view(-1, 1, 1)))
-        terms = {"flow": flow, "balance": self.moe.balance_loss()}
-        total = flow + self.balance_weight * terms["balance"]
-        if self.supervise:
-            h, w = c.mask_grid.shape[1:]
-            masks = c.mask_grid[idx].to(dev)
-            att = attention_losses(maps.view(b, h, w), masks, self.att_cfg)
-            terms |= {"focus": att["focus"], "cover": att["cover"], "n_empty": torch.tensor(float(att["n_empty"]))}
-            total = total + self.loss_cfg.focus_weight * att["focus"] + self.loss_cfg.cover_weight * att["cover"]
-            terms["mass_inside"] = torch.nanmean(attention_mass_inside(maps.detach().view(b, h, w), masks))
-        terms["total"] = total
-        return terms
-
-
-def probe_attention(step_fn: _Step, n: int = 8, seed: int = 1234) -> dict[str, float]:
-    """Attention terms on a FIXED set of samples, noise and sigmas (no grad): comparable over training."""
-    if not step_fn.supervise:
-        return {}
-    gen = torch.Generator().manual_seed(seed)
-    n = min(n, step_fn.cache.n_records)
-    draw = {
-        "idx": torch.arange(n),
-        "noise": torch.randn(step_fn.cache.x0[:n].shape, generator=gen),
-        "sigma": torch.linspace(0.3, 0.7, n),
-    }
-    with torch.no_grad():
-        terms = step_fn(draw)
-    return {k: float(terms[k]) for k in ("focus", "cover", "mass_inside")}
-
-
 def _make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw8bit":
         if not torch.cuda.is_available():
@@ -280,7 +212,7 @@ def train(
     from regionroute.checkpoint import checkpoints, load_state, save_checkpoint, trim_live_logs
     from regionroute.fingerprint import code_digest
     from regionroute.flux.attention import StyleAttentionRecorder
-    from regionroute.lora_moe import export_experts, inject_lora_moe, load_moe, save_moe
+    from regionroute.lora_moe import RoutedTransformer, export_experts, inject_lora_moe, load_moe, save_moe
 
     # One process may train several configurations (tests, notebooks): the precision is per run.
     # Only the accelerator settings are reset; the process group (PartialState) stays.
@@ -290,10 +222,10 @@ def train(
     )
     transformer = pipe.transformer
     transformer.requires_grad_(False)
-    # a checkpoint is resumed only by a run that would have produced it (ablations share the dir)
-    prepare_resumable_dir(
-        ckpt_dir,
-        {
+    # a checkpoint is resumed only by a run that would have produced it (ablations share the dir);
+    # rank 0 keys (or clears) the directory before any rank lists its checkpoints
+    if accelerator.is_main_process:
+        key = {
             "base": base_key or {"reference": base_model},
             "styles": list(styles),
             "lora": asdict(lora_cfg),
@@ -302,9 +234,10 @@ def train(
             "data": cache.digest(),
             "code": code_digest(CODE_MODULES),
             "processes": accelerator.num_processes,
-        },
-    )
-    ckpts = checkpoints(ckpt_dir)
+        }
+        prepare_resumable_dir(ckpt_dir, key)
+    accelerator.wait_for_everyone()
+    ckpts = checkpoints(ckpt_dir)  # the same on every rank: nothing is written before the loop
     state = load_state(ckpts[-1]) if ckpts else {"step": 0, "sums": {}, "last": {}, "n_empty_total": 0.0}
     start = int(state["step"])
     torch.manual_seed(cfg.seed)  # expert init (A ~ gaussian) is part of the run's seed
@@ -326,8 +259,12 @@ def train(
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(start):
             scheduler.step()
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    step_fn = _Step(pipe, transformer, moe, recorder, cache, cfg, loss_cfg, lora_cfg.balance_weight)
+    # DDP wraps the transformer AND the learned gate: every trainable parameter is all-reduced
+    model, optimizer = accelerator.prepare(RoutedTransformer(moe), optimizer)
+    mean_over_ranks = None
+    if accelerator.num_processes > 1:
+        mean_over_ranks = lambda t: accelerator.reduce(t.detach().clone(), reduction="mean")  # noqa: E731
+    step_fn = Objective(pipe, model, moe, recorder, cache, cfg, loss_cfg, lora_cfg.balance_weight, mean_over_ranks)
     # dvclive logs live beside the checkpoints (same fingerprint, survive a resume) and are
     # copied to ``live_dir`` at the end (DVC deletes stage outputs before re-running a stage)
     live = None
@@ -342,23 +279,29 @@ def train(
         before = read_json(probe_path)
     else:
         before = probe_attention(step_fn)
-        write_json(probe_path, before)
+        if accelerator.is_main_process:
+            write_json(probe_path, before)
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not accelerator.is_main_process)
     for step in range(start, cfg.steps):
         for micro in range(cfg.gradient_accumulation):
-            gen = torch.Generator().manual_seed(hash((cfg.seed, step, micro, accelerator.process_index)) % 2**63)
-            with accelerator.autocast():
-                terms = step_fn(step_fn.draw(gen, cfg.batch_size))
-            if not torch.isfinite(terms["total"]):
-                good = checkpoints(ckpt_dir)
-                where = f"last good checkpoint: {good[-1]}" if good else "no checkpoint was written yet"
-                values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-                raise TrainingError(f"non-finite loss at step {step + 1} ({values}); stopped, {where}")
-            accelerator.backward(terms["total"] / cfg.gradient_accumulation)
-            for k, v in terms.items():  # n_empty: samples per step; the rest: mean over micro-batches
+            # the global micro-batch is drawn from (seed, step, micro) alone; this rank takes its slice
+            gen = torch.Generator().manual_seed(hash((cfg.seed, step, micro)) % 2**63)
+            draw = step_fn.draw(gen, cfg.batch_size, accelerator.num_processes, accelerator.process_index)
+            last_micro = micro == cfg.gradient_accumulation - 1
+            with accelerator.no_sync(model) if not last_micro else nullcontext():  # all-reduce once per step
+                with accelerator.autocast():
+                    terms = step_fn(draw)
+                values = _reduce_terms(accelerator, terms)  # the same on every rank: all stop together
+                if not np.isfinite(values["total"]):
+                    good = checkpoints(ckpt_dir)
+                    where = f"last good checkpoint: {good[-1]}" if good else "no checkpoint was written yet"
+                    shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                    raise TrainingError(f"non-finite loss at step {step + 1} ({shown}); stopped, {where}")
+                accelerator.backward(terms["total"] / cfg.gradient_accumulation)
+            for k, v in values.items():  # n_empty: samples per step; the rest: mean over micro-batches
                 scale = 1.0 if k == "n_empty" else 1.0 / cfg.gradient_accumulation
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * scale
-            n_empty_total += float(terms.get("n_empty", 0.0))
+                sums[k] = sums.get(k, 0.0) + v * scale
+            n_empty_total += values.get("n_empty", 0.0)
         accelerator.clip_grad_norm_(moe.trainable_parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -370,8 +313,9 @@ def train(
             last = {k: v / window for k, v in sums.items()}
             last["lr"] = scheduler.get_last_lr()[0]
             gates = moe.gate_weights()
-            if gates is not None:
-                last["router_entropy"] = float(-(gates.mean(0).clamp_min(1e-12).log() * gates.mean(0)).sum())
+            if gates is not None:  # mean gate of the last micro-batch, over all ranks
+                q = accelerator.reduce(gates.mean(0).float(), reduction="mean")
+                last["router_entropy"] = float(-(q.clamp_min(1e-12).log() * q).sum())
             bar.set_postfix(loss=f"{last['total']:.4f}")
             if live is not None:
                 _log(live, last, done)
@@ -393,7 +337,7 @@ def train(
         for k, v in summary.items():
             if k.startswith("probe") or k == "n_empty_total":
                 live.summary[k] = v
-    recorder.remove(accelerator.unwrap_model(transformer))
+    recorder.remove(transformer)
     if accelerator.is_main_process:
         with atomic_dir(out_dir) as tmp:
             save_moe(moe, tmp / "moe")
@@ -406,6 +350,7 @@ def train(
                     "lora": asdict(lora_cfg),
                     "loss": asdict(loss_cfg),
                     "train": asdict(cfg),
+                    "processes": accelerator.num_processes,  # global batch = processes x train.batch_size
                     "latent_hw": list(cache.latent_hw),
                 },
             )
@@ -414,7 +359,18 @@ def train(
             live.end()
             with atomic_dir(live_dir) as tmp:
                 shutil.copytree(ckpt_dir / "dvclive", tmp, dirs_exist_ok=True)
+    accelerator.wait_for_everyone()  # the model is written when any rank returns
     return summary
+
+
+def _reduce_terms(accelerator: Any, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Loss terms as floats: means over the processes (``n_empty``: the sum), in one all-reduce."""
+    names = sorted(terms)
+    vec = torch.stack([terms[k].detach().float().reshape(()).to(accelerator.device) for k in names])
+    if accelerator.num_processes > 1:
+        vec = accelerator.reduce(vec, reduction="sum")
+    n = accelerator.num_processes
+    return {k: v if k == "n_empty" else v / n for k, v in zip(names, vec.tolist(), strict=True)}
 
 
 def _live(live_dir: Path, resume: bool) -> Any:

@@ -43,11 +43,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"{trained_length}: re-run the train stage (dvc repro) or set infer.max_sequence_length"
             )
     cfg = resolve_text_length(cfg, trained_length)
+    from regionroute import distributed as dist
+
+    dist.state(models.device)  # one process, or this rank of `accelerate launch` (before loading models)
     editor = None
     if args.method in METHODS and args.method != "oracle":
         from regionroute.models.kontext import load_kontext
 
-        pipe = load_kontext(models)
+        with dist.main_first():
+            pipe = load_kontext(models)
         moe = None
         if args.method == "regionroute":
             from regionroute.lora_moe import load_moe
@@ -55,9 +59,12 @@ def main(argv: list[str] | None = None) -> int:
             moe = load_moe(pipe.transformer, args.model / "moe")
         editor = Editor(pipe, cfg, moe=moe, merge=cfg.merge_expert)
     n = run_method(args.method, args.records, args.out, cfg, editor, models=models, model_dir=args.model)
-    print(f"infer {args.method}: generated {n} images in {args.out}")
+    if dist.is_main():
+        print(f"infer {args.method}: generated {n} images in {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from regionroute.launch import launch
+
+    raise SystemExit(launch("stages.infer", main))

@@ -35,13 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     preflight(args.params, "score")  # missing weights, settings, GPU memory: one line each, before any work
     data = load_section(args.params, "data", DataConfig)
     cfg = load_section(args.params, "score", ScoreConfig)
+    from regionroute import distributed as dist
     from regionroute.score import score_methods, write_scores
 
+    dist.state(cfg.device)  # one process, or this rank of `accelerate launch` (before loading models)
     df = score_methods({name: Path(d) for name, d in args.method}, args.records, cfg, data.styles)
-    write_scores(df, args.per_sample, args.by_size, args.metrics)
-    print(f"score: {len(df)} rows -> {args.metrics}")
+    if dist.is_main():  # every rank has the gathered table; one writes it
+        write_scores(df, args.per_sample, args.by_size, args.metrics)
+        print(f"score: {len(df)} rows -> {args.metrics}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from regionroute.launch import launch
+
+    raise SystemExit(launch("stages.score", main))

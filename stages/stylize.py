@@ -29,15 +29,21 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_section(args.params, "stylize", StylizeConfig)
     if args.style not in data.styles:
         raise ConfigError(f"--style: unknown style {args.style!r} (data.styles: {', '.join(data.styles)})")
+    from regionroute import distributed as dist
     from regionroute.models.kontext import load_kontext
     from regionroute.stylize import stylize_splits
 
     samples = {split: args.samples / split for split in data.splits}
-    pipe = load_kontext(models)
+    dist.state(models.device)  # one process, or this rank of `accelerate launch` (before loading models)
+    with dist.main_first():
+        pipe = load_kontext(models)
     done = stylize_splits(pipe, samples, args.out, args.style, cfg, models)
-    print(f"stylize {args.style}: generated {sum(done.values())} images in {args.out}")
+    if dist.is_main():
+        print(f"stylize {args.style}: generated {sum(done.values())} images in {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from regionroute.launch import launch
+
+    raise SystemExit(launch("stages.stylize", main))

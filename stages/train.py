@@ -32,12 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_section(args.params, "train", TrainConfig)
     import torch
 
+    from regionroute import distributed as dist
     from regionroute.models.kontext import kontext_key, load_kontext
     from regionroute.train import encode_dataset, train
 
     torch.manual_seed(cfg.seed)
-    pipe = load_kontext(models)
-    cache = encode_dataset(pipe, args.records, data.styles, cfg)
+    dist.state(models.device)  # one process, or this rank of `accelerate launch` (before loading models)
+    with dist.main_first():
+        pipe = load_kontext(models)
+    cache = encode_dataset(pipe, args.records, data.styles, cfg)  # every rank: the draws index the whole set
     # the encoders are not needed any more (METHOD.md §2: cache once, then free them)
     pipe.vae = pipe.text_encoder = pipe.text_encoder_2 = None
     summary = train(
@@ -45,9 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         base_model=models.kontext, base_key=kontext_key(models),
     )  # fmt: skip
     shown = {k: round(v, 5) for k, v in summary.items() if k.startswith(("probe", "total"))}
-    print(f"train: wrote {args.out} ({shown})")
+    if dist.is_main():
+        print(f"train: wrote {args.out} ({shown})")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from regionroute.launch import launch
+
+    raise SystemExit(launch("stages.train", main))

@@ -3,14 +3,16 @@
 Structured like a small peft tuner: ``config`` (``params.yaml: lora:``), ``layer`` (the
 routed MoE LoRA around one ``nn.Linear``), ``router`` (style / learned MoLE gate),
 ``inject`` (wrap the double- and single-stream targets, return a :class:`LoraMoE`
-handle) and ``export`` (diffusers LoRA files per expert; full save/load). Used by the
-``train`` and ``infer`` stages.
+handle), ``routed`` (transformer + gate as one module, for DDP) and ``export``
+(diffusers LoRA files per expert; full save/load). Used by the ``train`` and ``infer``
+stages.
 """
 
 from regionroute.lora_moe.config import DOUBLE_STREAM_TARGETS, SINGLE_STREAM_TARGETS, LoraConfig
 from regionroute.lora_moe.export import expert_lora_state_dict, export_experts, load_moe, save_moe
 from regionroute.lora_moe.inject import LoraMoE, find_targets, inject_lora_moe
 from regionroute.lora_moe.layer import MoELoraLinear, RoutingContext
+from regionroute.lora_moe.routed import RoutedTransformer
 from regionroute.lora_moe.router import LearnedRouter, balance_loss
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "LoraConfig",
     "LoraMoE",
     "MoELoraLinear",
+    "RoutedTransformer",
     "RoutingContext",
     "balance_loss",
     "expert_lora_state_dict",

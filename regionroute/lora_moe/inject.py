@@ -157,14 +157,15 @@ class LoraMoE:
         else:
             raise UserError("learned routing needs pooled (B, D) (or style_ids to force experts)")
 
-    def balance_loss(self) -> torch.Tensor:
+    def balance_loss(self, batch_mean: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """MoLE balance loss of the last learned routing (unweighted; 0 for hard routing).
 
-        The trainer adds ``config.balance_weight * moe.balance_loss()`` to its loss.
+        The trainer adds ``config.balance_weight * moe.balance_loss()`` to its loss;
+        ``batch_mean``: see :func:`~regionroute.lora_moe.router.balance_loss` (data parallelism).
         """
         if self._gates is None:
             return torch.zeros((), device=self.device)
-        return balance_loss(self._gates)
+        return balance_loss(self._gates, batch_mean=batch_mean)
 
     def gate_weights(self) -> torch.Tensor | None:
         """The last routing as (B, E) weights (one-hot for hard routing), detached; None before any."""

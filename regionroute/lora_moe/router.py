@@ -17,6 +17,8 @@ model still starts exactly at the base model. (MoLE does not pin an initializati
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,9 +44,17 @@ def one_hot_gates(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return F.one_hot(expert_ids.long(), num_experts).float()
 
 
-def balance_loss(gates: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """MoLE balance loss ``-sum_i log q_i``; gates (B, E) -> scalar, minimal (E log E) at uniform use."""
+def balance_loss(
+    gates: torch.Tensor, eps: float = 1e-8, batch_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """MoLE balance loss ``-sum_i log q_i``; gates (B, E) -> scalar, minimal (E log E) at uniform use.
+
+    ``batch_mean`` maps this batch's (E,) mean gate to the one the loss is taken on: under
+    data parallelism, the mean over every process's batch (the global batch's ``q``).
+    """
     q = gates.float().mean(dim=0)  # (E,) mean gate weight of each expert over the batch
+    if batch_mean is not None:
+        q = batch_mean(q)
     return -torch.log(q.clamp_min(eps)).sum()
 
 

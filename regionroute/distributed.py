@@ -1,0 +1,123 @@
+"""Data parallelism for the heavy stages: shard the items over processes, merge on rank 0.
+
+Used by ``stylize``, ``infer`` and ``score`` (items sharded with accelerate's
+:class:`~accelerate.PartialState`) and by ``train`` (the process group its DDP
+``Accelerator`` joins). Under plain ``python`` there is one process and every helper is
+a no-op; under ``accelerate launch`` / ``torchrun`` (see :mod:`regionroute.launch` and
+docs/scaling.md) the processes form one group (NCCL on GPUs, gloo on CPU).
+
+The pattern of a sharded, resumable stage output::
+
+    todo = plan(prepare)      # rank 0 alone: fingerprint + prune the output dir, decide the to-do
+                              # list (items whose content key differs); every rank gets the list
+    for item in shard(todo):  # each rank: its contiguous slice of the sorted list, written
+        ...                   # atomically, each item followed by its marker (ItemStore.mark)
+    barrier()                 # every item of every rank is written
+    if is_main(): ...         # rank 0 writes the manifest / metrics
+
+Deciding the to-do list on rank 0 only matters: if every rank read the markers itself, a
+fast rank's fresh markers could change a slow rank's list, and the slices would overlap or
+miss items. Any number of processes works, also more than items: a rank with an empty
+slice still reaches every collective call.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
+__all__ = ["barrier", "gather", "is_main", "main_first", "num_processes", "plan", "shard", "state", "total"]
+
+T = TypeVar("T")
+
+
+def state(device: str = "auto") -> PartialState:
+    """The process group (accelerate's ``PartialState``), created on first use.
+
+    ``device`` (``auto | cpu | cuda``, the ``models.device`` params) picks the backend on
+    first use: gloo when the models run on CPU, else the accelerator's (NCCL, and each rank
+    then gets its own GPU as the current device, so ``cuda`` means that rank's GPU).
+    Stages call this before loading models; library functions reuse the group.
+    """
+    from accelerate import PartialState
+
+    if PartialState._shared_state != {}:  # already created (a dict, or a thread-local one on XLA)
+        return PartialState()
+    from regionroute.models import resolve_device
+
+    st = PartialState(cpu=resolve_device(device).type == "cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and st.num_processes != world:  # every rank would do every item: refuse
+        raise RuntimeError(f"launched as {world} processes but no process group formed ({st.distributed_type})")
+    return st
+
+
+def num_processes() -> int:
+    return state().num_processes
+
+
+def is_main() -> bool:
+    """Rank 0 (the only one writing manifests, metrics, checkpoints and logs)."""
+    return state().is_main_process
+
+
+def barrier() -> None:
+    """Wait until every process gets here (no-op for one process)."""
+    state().wait_for_everyone()
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This rank's contiguous slice of ``items`` (``split_between_processes``; possibly empty)."""
+    with state().split_between_processes(list(items)) as part:
+        return list(part)
+
+
+def gather(obj: T) -> list[T]:
+    """``obj`` of every rank, in rank order, on every rank (``gather_object``)."""
+    from accelerate.utils import gather_object
+
+    if state().num_processes == 1:
+        return [obj]
+    return list(gather_object([obj]))
+
+
+def total(n: int) -> int:
+    """Sum of ``n`` over the ranks."""
+    return sum(gather(int(n)))
+
+
+def plan(prepare: Callable[[], T]) -> T:
+    """Run ``prepare`` on rank 0 only and give its (picklable) result to every rank.
+
+    An exception raised by ``prepare`` (a one-line :class:`~regionroute.errors.UserError`,
+    say) is raised on every rank, so that all of them stop the same way instead of the
+    others waiting for rank 0 forever.
+    """
+    st = state()
+    if st.num_processes == 1:
+        return prepare()
+    from accelerate.utils import broadcast_object_list
+
+    box: list[Any] = [None]
+    if st.is_main_process:
+        try:
+            box[0] = ("ok", prepare())
+        except Exception as exc:  # re-raised on every rank below
+            box[0] = ("error", exc)
+    broadcast_object_list(box, from_process=0)
+    status, value = box[0]
+    if status == "error":
+        raise value
+    return value
+
+
+@contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 of each machine runs the block first, then the others (model downloads and builds)."""
+    with state().local_main_process_first():
+        yield

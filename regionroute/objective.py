@@ -1,0 +1,137 @@
+"""The training objective on one micro-batch (METHOD.md §2, §4, §5), for the ``train`` stage.
+
+:class:`Objective` draws a micro-batch (sample indices, noise, sigmas; a data-parallel
+rank takes its slice of the global draw) and computes the named loss terms: the
+flow-matching loss (inputs from :mod:`regionroute.flux.flow`), Focus and Cover on the
+style-token attention captured during the forward (:mod:`regionroute.losses`), the MoLE
+balance loss, and the attention mass inside the mask for the logs. Under data
+parallelism the balance loss is taken on the global batch's mean gate and the attention
+losses are weighted by the rank's share of the global batch's usable masks, so that DDP's
+average of the ranks' gradients is the global batch's gradient (:mod:`regionroute.train`).
+:func:`probe_attention` evaluates the attention terms on a fixed batch, comparable over
+training. The loop itself (optimizer, checkpoints, logs) is :mod:`regionroute.train`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from regionroute.config import LossConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from regionroute.train import TrainCache
+
+__all__ = ["Objective", "probe_attention"]
+
+
+class Objective:
+    """One forward of the flow-matching + attention objective on a micro-batch."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        model: Any,
+        moe: Any,
+        recorder: Any,
+        cache: TrainCache,
+        cfg: TrainConfig,
+        loss_cfg: LossConfig,
+        balance_weight: float,
+        mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        from regionroute.flux.flow import FlowSchedule, kontext_image_ids
+        from regionroute.losses import AttentionLossConfig
+
+        self.model, self.moe, self.recorder, self.cache, self.cfg = model, moe, recorder, cache, cfg
+        self.loss_cfg, self.balance_weight = loss_cfg, balance_weight
+        self.mean_over_ranks = mean_over_ranks  # (t) -> mean of t over the processes, no grad; None: 1 process
+        self.att_cfg = AttentionLossConfig(
+            loss_cfg.focus_distribution, loss_cfg.tau, loss_cfg.cover_map, loss_cfg.alpha
+        )
+        self.schedule = FlowSchedule(
+            pipe.scheduler.config, cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale
+        )
+        self.device = next(moe.transformer.parameters()).device
+        self.dtype = next(moe.transformer.parameters()).dtype
+        self.img_ids = kontext_image_ids(cache.latent_hw, self.device, self.dtype)
+        self.supervise = loss_cfg.focus_weight > 0 or loss_cfg.cover_weight > 0
+
+    def draw(self, gen: torch.Generator, batch_size: int, ranks: int = 1, rank: int = 0) -> dict[str, torch.Tensor]:
+        """Rank ``rank``'s slice of the global micro-batch: ``ranks x batch_size`` samples drawn from ``gen``."""
+        n = batch_size * ranks
+        idx = torch.randint(self.cache.n_records, (n,), generator=gen)
+        noise = torch.randn(self.cache.x0[idx].shape, generator=gen)
+        sigma = self.schedule.sample(n, gen)
+        mine = slice(rank * batch_size, (rank + 1) * batch_size)
+        return {"idx": idx[mine], "noise": noise[mine], "sigma": sigma[mine]}
+
+    def __call__(self, draw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from regionroute.flux.flow import flow_loss, noisy, transformer_inputs
+        from regionroute.losses import attention_losses
+        from regionroute.metrics.attention import attention_mass_inside
+
+        c, dev = self.cache, self.device
+        idx = draw["idx"]
+        x0, noise, sigma = c.x0[idx].to(dev), draw["noise"].to(dev), draw["sigma"].to(dev)
+        n = x0.shape[1]
+        b = x0.shape[0]
+        route = {"style_ids": c.style_ids[idx].to(dev), "pooled": c.pooled[idx].to(dev)}  # routed in the forward
+        kwargs = transformer_inputs(
+            noisy(x0, noise, sigma), c.context[idx].to(dev), sigma, c.prompt_embeds[idx], c.pooled[idx],
+            self.img_ids, self.cfg.guidance, self.dtype,
+        )  # fmt: skip
+        if self.supervise:
+            with self.recorder.capture(
+                style_mask=c.style_mask[idx].to(dev), n_text=c.prompt_embeds.shape[1], n_target=n
+            ):
+                pred = self.model(**route, **kwargs)[0][:, :n]
+            maps = self.recorder.maps()  # (B, N) float32
+        else:
+            pred = self.model(**route, **kwargs)[0][:, :n]
+        flow = flow_loss(pred, x0, noise, self.schedule.loss_weight(sigma.view(-1, 1, 1)))
+        terms = {"flow": flow, "balance": self.moe.balance_loss(batch_mean=self._global_mean)}
+        total = flow + self.balance_weight * terms["balance"]
+        if self.supervise:
+            h, w = c.mask_grid.shape[1:]
+            masks = c.mask_grid[idx].to(dev)
+            att = attention_losses(maps.view(b, h, w), masks, self.att_cfg)
+            focus, cover = att["focus"], att["cover"]
+            if self.mean_over_ranks is not None:  # this rank's share of the global batch's usable masks:
+                used = torch.tensor(float(att["n_used"]), device=dev)  # DDP's average of the ranks' weighted
+                mean_used = self.mean_over_ranks(used)  # means is then the global batch's mean
+                share = used / mean_used if float(mean_used) > 0 else torch.zeros((), device=dev)
+                focus, cover = focus * share, cover * share
+            terms |= {"focus": focus, "cover": cover, "n_empty": torch.tensor(float(att["n_empty"]))}
+            total = total + self.loss_cfg.focus_weight * focus + self.loss_cfg.cover_weight * cover
+            terms["mass_inside"] = torch.nanmean(attention_mass_inside(maps.detach().view(b, h, w), masks))
+        terms["total"] = total
+        return terms
+
+    def _global_mean(self, q: torch.Tensor) -> torch.Tensor:
+        """Value: ``q``'s mean over the processes (the global batch's mean gate); gradient: ``q``'s own.
+
+        DDP averages the ranks' gradients, which then equal the gradient of the balance loss
+        on the global batch's mean gate (a 1-process run with the global batch).
+        """
+        if self.mean_over_ranks is None:
+            return q
+        return q + (self.mean_over_ranks(q.detach()) - q).detach()
+
+
+def probe_attention(step_fn: Objective, n: int = 8, seed: int = 1234) -> dict[str, float]:
+    """Attention terms on a FIXED set of samples, noise and sigmas (no grad): comparable over training."""
+    if not step_fn.supervise:
+        return {}
+    gen = torch.Generator().manual_seed(seed)
+    n = min(n, step_fn.cache.n_records)
+    draw = {
+        "idx": torch.arange(n),
+        "noise": torch.randn(step_fn.cache.x0[:n].shape, generator=gen),
+        "sigma": torch.linspace(0.3, 0.7, n),
+    }
+    with torch.no_grad():
+        terms = step_fn(draw)
+    return {k: float(terms[k]) for k in ("focus", "cover", "mass_inside")}

@@ -1,0 +1,98 @@
+"""Ablations in parallel: queued DVC experiments, 2 queue workers, collected by ``regionroute ablations``.
+
+The recipe of docs/scaling.md on a very small demo in a temporary git clone of HEAD:
+``dvc repro infer@kontext infer@oracle`` (data and baselines, committed), two paper
+ablation rows queued with ``dvc exp run --queue -S ...``, run by two workers (``dvc exp
+run --run-all -j 2``, i.e. ``dvc queue start -j 2`` and wait), then ``regionroute
+ablations``. The workers get
+``REGIONROUTE_ACCELERATE_CONFIG`` (a 1-process config over a pool of two GPU ids), so every
+heavy stage inside a queue worker starts through the launcher and leases one id from the
+pool (on this CPU machine the ids select nothing; on a GPU node they are the GPUs).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    ("data", "styles"): ["pixel-art", "line-art"],
+    ("data", "splits"): {"train": {"coco": "train", "num": 2}, "eval": {"coco": "val", "num": 1}},
+    ("stylize", "steps"): 1,
+    ("train", "steps"): 2,
+    ("train", "checkpoint_every"): 2,
+    ("infer", "steps"): 2,
+    ("infer", "attention_steps"): [1, 2],
+    ("infer", "figures"): False,
+}
+#: one process per stage, any GPU of a pool of two (the queue recipe's config, with a 2-GPU pool)
+ONE_GPU_EACH = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: 'NO'
+num_processes: 1
+num_machines: 1
+gpu_ids: '0,1'
+mixed_precision: 'no'
+"""
+ABLATIONS = ("loss.cover_weight=0", "lora.single_stream=false")
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_queued_ablations_run_on_two_workers_and_are_collected(tmp_path):
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    repo = tmp_path / "repo"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env["REGIONROUTE_ACCELERATE_CONFIG"] = "none"  # the baseline: plain processes
+    for var in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "REGIONROUTE_LAUNCHED"):
+        env.pop(var, None)
+    _run(["git", "clone", "-q", str(ROOT), str(repo)], tmp_path, env)
+    _run(["git", "config", "user.email", "test@example.com"], repo, env)
+    _run(["git", "config", "user.name", "test"], repo, env)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for (section, key), value in TINY.items():
+        params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / "accelerate_queue.yaml").write_text(ONE_GPU_EACH)  # committed: a relative path works in the
+    _run(["git", "add", "-A"], repo, env)  # workers' temporary workspaces
+    _run(["git", "commit", "-qm", "tiny demo + queue accelerate config"], repo, env)
+    _run(["dvc", "repro", "infer@kontext", "infer@oracle"], repo, env)  # data + baselines, as the recipe
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "pseudo-GT and baselines"], repo, env)
+
+    for ablation in ABLATIONS:
+        _run(["dvc", "exp", "run", "--queue", "-S", ablation], repo, env)
+    workers = dict(env, REGIONROUTE_ACCELERATE_CONFIG="accelerate_queue.yaml")
+    log = _run(["dvc", "exp", "run", "--run-all", "-j", "2"], repo, workers)  # = dvc queue start -j 2, then wait
+    status = _run(["dvc", "queue", "status"], repo, env)
+    assert status.count("Success") == 2 and "Failed" not in status, status + log
+
+    names = [line.split()[1] for line in status.splitlines() if line.rstrip().endswith("Success")]
+    assert len(names) == 2, status
+    for name in names:
+        exp_log = _run(["dvc", "queue", "logs", name], repo, env)
+        ran = set(re.findall(r"Running stage '([^']+)'", exp_log))
+        assert ran == {"train", "infer@regionroute", "score", "report"}, exp_log[-3000:]  # never the baselines
+        leased = re.findall(r"stages\.(\w+): GPU\(s\) ([01]) leased", exp_log)
+        assert {stage for stage, _ in leased} == {"train", "infer", "score"}, exp_log[-3000:]
+
+    _run(["regionroute", "ablations", "--out", "reports/ablations.md"], repo, env)
+    table = (repo / "reports" / "ablations.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| experiment")]
+    assert all(any(row.startswith(f"| {name} ") for row in rows) for name in names), table
+    assert "loss.cover_weight" in table and "lora.single_stream" in table and "RSM text" in table
