@@ -1,6 +1,6 @@
 """Cost of style-token attention supervision: forward+backward of a Flux transformer with vs without it.
 
-Benchmark for :mod:`regionroute.flux.attention` (METHOD.md section 3): real per-layer
+Benchmark for :mod:`regionroute.flux.attention` (docs/method.md section 3): real per-layer
 dimensions (24 heads x 128 = 3072 hidden, T5 width 4096), a configurable number of double
 and single blocks and token counts. Modes, all measured in one run:
 

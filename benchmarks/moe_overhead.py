@@ -1,4 +1,4 @@
-"""Training-step overhead of the LoRA-MoE vs one plain LoRA (METHOD.md §5).
+"""Training-step overhead of the LoRA-MoE vs one plain LoRA (docs/method.md §5).
 
 One training step (forward + backward + AdamW step) of a FluxTransformer2DModel with
 the real per-layer sizes of FLUX.1 (hidden 3072 = 24 heads x 128, joint_attention_dim

@@ -1,6 +1,6 @@
 """VLM judge throughput: our batched next-token scorer vs the naive generate-and-parse loop.
 
-Both run on the same model and images, side by side in one process (METHOD.md section
+Both run on the same model and images, side by side in one process (docs/method.md section
 7, VLM; :mod:`regionroute.metrics.vlm`):
 
 * **ours**: :meth:`VLMJudge.score`: each image through the vision tower once, its four

@@ -1,4 +1,4 @@
-"""The ablation table: experiments side by side, from ``dvc exp show`` (METHOD.md §5 ablations).
+"""The ablation table: experiments side by side, from ``dvc exp show`` (docs/method.md §5 ablations).
 
 Run the ablations as DVC experiments (``dvc exp run -S lora.single_stream=false``, ...),
 then ``regionroute ablations`` writes ``reports/ablations.md``: one row per experiment

@@ -1,6 +1,6 @@
 """Stage ``composite``: paste the stylized object back onto the original = pseudo-GT.
 
-METHOD.md §1.4-1.5 and the paper's supplementary §1: ``cv2.seamlessClone`` (Poisson
+docs/method.md §1.4-1.5 and the paper's supplementary §1: ``cv2.seamlessClone`` (Poisson
 blending, ``NORMAL_CLONE``) of the stylized pixels inside the mask onto the original.
 seamlessClone cannot handle masks that touch the image border (its solver needs a
 ring of known pixels) and fails on empty masks, so every image is reflect-padded by

@@ -133,7 +133,7 @@ class DataConfig(_Section):
 
 @dataclass(frozen=True)
 class SampleConfig(_Section):
-    """Stage ``sample`` (METHOD.md §1.1-1.2)."""
+    """Stage ``sample`` (docs/method.md §1.1-1.2)."""
 
     _section: typing.ClassVar[str] = "sample"
     seed: int = 0
@@ -156,7 +156,7 @@ class SampleConfig(_Section):
 
 @dataclass(frozen=True)
 class StylizeConfig(_Section):
-    """Stage ``stylize`` (METHOD.md §1.3): global stylization with FLUX.1-Kontext."""
+    """Stage ``stylize`` (docs/method.md §1.3): global stylization with FLUX.1-Kontext."""
 
     _section: typing.ClassVar[str] = "stylize"
     instruction: str = "make the image into {style} style"
@@ -181,7 +181,7 @@ class StylizeConfig(_Section):
 
 @dataclass(frozen=True)
 class CompositeConfig(_Section):
-    """Stage ``composite`` (METHOD.md §1.4-1.5): pseudo-GT by seamless clone or alpha."""
+    """Stage ``composite`` (docs/method.md §1.4-1.5): pseudo-GT by seamless clone or alpha."""
 
     _section: typing.ClassVar[str] = "composite"
     method: Literal["seamless", "alpha"] = "seamless"
@@ -201,7 +201,7 @@ class CompositeConfig(_Section):
 
 @dataclass(frozen=True)
 class LossConfig(_Section):
-    """``loss:`` attention supervision (METHOD.md §3-4); a weight of 0 disables a term (ablations)."""
+    """``loss:`` attention supervision (docs/method.md §3-4); a weight of 0 disables a term (ablations)."""
 
     _section: typing.ClassVar[str] = "loss"
     focus_weight: float = 0.1
@@ -224,7 +224,7 @@ class LossConfig(_Section):
 
 @dataclass(frozen=True)
 class TrainConfig(_Section):
-    """``train:`` the training loop (METHOD.md §2; paper column = public code's settings)."""
+    """``train:`` the training loop (docs/method.md §2; paper column = public code's settings)."""
 
     _section: typing.ClassVar[str] = "train"
     steps: int = 10000
@@ -272,7 +272,7 @@ class TrainConfig(_Section):
 
 @dataclass(frozen=True)
 class InferConfig(_Section):
-    """``infer:`` editing the held-out pairs (METHOD.md §6; defaults = public code)."""
+    """``infer:`` editing the held-out pairs (docs/method.md §6; defaults = public code)."""
 
     _section: typing.ClassVar[str] = "infer"
     instruction: str = "make the {object} into {style} style"
@@ -302,7 +302,7 @@ class InferConfig(_Section):
 
 @dataclass(frozen=True)
 class ScoreConfig(_Section):
-    """``score:`` evaluation models and options (METHOD.md §7)."""
+    """``score:`` evaluation models and options (docs/method.md §7)."""
 
     _section: typing.ClassVar[str] = "score"
     clip: str = "ViT-L-14/openai"  # open_clip "arch/pretrained", a local checkpoint, or "tiny"

@@ -1,6 +1,6 @@
 """Stage ``infer``: edit the held-out pairs with each method, and record style-token attention.
 
-METHOD.md §6. Methods (one code path; the ablations are the same stage under
+docs/method.md §6. Methods (one code path; the ablations are the same stage under
 ``dvc exp run -S ...``):
 
 * ``kontext``: the base FLUX.1-Kontext (the paper's baseline);
@@ -15,7 +15,7 @@ METHOD.md §6. Methods (one code path; the ablations are the same stage under
 
 Every pair x style gets the instruction ``infer.instruction`` and a generator seeded by
 ``seed + image_id`` (the same for every method: paired comparisons). For the two model
-methods the style-token attention maps (METHOD §3, ``infer.attention_direction``) at
+methods the style-token attention maps (docs/method.md §3, ``infer.attention_direction``) at
 the denoising steps ``infer.attention_steps`` (paper: 5, 10, 15, 20, 25; Fig. 6) and
 their mean are saved per pair as ``attention/<id>.npz`` (``maps`` (S, h, w), ``mean``
 (h, w), ``steps`` (S,)), plus a figure ``figures/<id>.png`` (output | mean | per step).
@@ -198,6 +198,7 @@ CODE_MODULES: tuple[str, ...] = (
     "regionroute.models.kontext",
     "regionroute.tiny.kontext",
     "regionroute.tiny.text",
+    "regionroute.toy.latent",
     "regionroute.io",
     "regionroute.config",
 )

@@ -1,4 +1,4 @@
-"""Attention supervision losses: Focus (KL) and Cover (BCE) on style-token maps (METHOD.md section 4).
+"""Attention supervision losses: Focus (KL) and Cover (BCE) on style-token maps (docs/method.md section 4).
 
 Used by the ``train`` stage on the maps of :class:`regionroute.flux.attention.StyleAttentionRecorder`.
 Every function is vectorized over the batch and any extra dims (words, layers) and returns
@@ -9,7 +9,7 @@ Shapes: ``maps`` is ``(B, *E, P)`` or ``(B, *E, h, w)`` with ``P = h * w`` targe
 grid, ``(B, h, w)`` (shared by the sample's extra dims) or ``(B, *E, h, w)``. Masks pair
 with their own sample's maps (the public code compares each mask with the whole batch).
 
-Deviations from the public code (METHOD.md section 4), each kept as a named option:
+Deviations from the public code (docs/method.md section 4), each kept as a named option:
 
 * masks are downsampled by area averaging (:func:`downsample_mask`), not nearest;
 * focus ``distribution="normalize"`` (default) uses ``p = a / sum(a)``; ``"softmax"`` uses
@@ -135,7 +135,7 @@ def attention_losses(
     Args:
         maps: style-token maps, ``(B, *E, P)`` or ``(B, *E, h, w)``; non-negative.
         masks: soft masks on the token grid (:func:`downsample_mask`), ``(B, h, w)`` or ``(B, *E, h, w)``.
-        config: loss options (defaults: METHOD.md section 4).
+        config: loss options (defaults: docs/method.md section 4).
 
     Returns:
         ``{"focus": scalar, "cover": scalar, "n_used": int, "n_empty": int}``. With ``(B, h, w)``

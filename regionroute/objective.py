@@ -1,4 +1,4 @@
-"""The training objective on one micro-batch (METHOD.md §2, §4, §5), for the ``train`` stage.
+"""The training objective on one micro-batch (docs/method.md §2, §4, §5), for the ``train`` stage.
 
 :class:`Objective` draws a micro-batch (sample indices, noise, sigmas; a data-parallel
 rank takes its slice of the global draw) and computes the named loss terms: the

@@ -1,6 +1,6 @@
 """Stage ``score``: RSES, the VLM judge and attention localization for every method.
 
-METHOD.md §7. For each method's ``infer`` output and every eval pair x style:
+docs/method.md §7. For each method's ``infer`` output and every eval pair x style:
 
 * RSES components (:class:`regionroute.metrics.rses.RSESScorer`): ``rsm_text`` (CLIP,
   region vs ``"an image in {style} style"``), ``rsm_image`` (region vs the pseudo-GT

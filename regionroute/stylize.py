@@ -1,6 +1,6 @@
 """Stage ``stylize``: global stylization of each sampled image with FLUX.1-Kontext.
 
-METHOD.md §1.3. Each cropped original is edited with the instruction
+docs/method.md §1.3. Each cropped original is edited with the instruction
 ``stylize.instruction`` (paper: ``"make the image into {style} style"``), one style per
 call, in batches, with a generator seeded per image (``seed + image_id``) so results do
 not depend on batch composition. Output per split::
@@ -51,6 +51,7 @@ CODE_MODULES: tuple[str, ...] = (
     "regionroute.models.kontext",
     "regionroute.tiny.kontext",
     "regionroute.tiny.text",
+    "regionroute.toy.latent",
     "regionroute.io",
     "regionroute.config",
 )

@@ -1,6 +1,6 @@
 """Stage ``train``: LoRA-MoE on FLUX.1-Kontext with flow matching + attention supervision.
 
-METHOD.md §2 (model input) and §4-5. The flow-matching inputs come from
+docs/method.md §2 (model input) and §4-5. The flow-matching inputs come from
 :mod:`regionroute.flux.flow` (diffusers' Kontext LoRA script, helpers from
 ``diffusers.training_utils``); latents and text embeddings are computed once
 (:func:`encode_dataset`), then the VAE and text encoders are freed.
@@ -81,6 +81,7 @@ CODE_MODULES: tuple[str, ...] = (
     "regionroute.models.kontext",
     "regionroute.tiny.kontext",
     "regionroute.tiny.text",
+    "regionroute.toy.latent",
     "regionroute.io",
     "regionroute.config",
 )

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     with dist.main_first():
         pipe = load_kontext(models)
     cache = encode_dataset(pipe, args.records, data.styles, cfg)  # every rank: the draws index the whole set
-    # the encoders are not needed any more (METHOD.md §2: cache once, then free them)
+    # the encoders are not needed any more (docs/method.md §2: cache once, then free them)
     pipe.vae = pipe.text_encoder = pipe.text_encoder_2 = None
     summary = train(
         pipe, cache, data.styles, lora, loss, cfg, args.out, args.checkpoints, args.live,

@@ -1,4 +1,4 @@
-"""Dual-stream LoRA-MoE (METHOD.md §5) on the tiny FLUX.1-Kontext transformer.
+"""Dual-stream LoRA-MoE (docs/method.md §5) on the tiny FLUX.1-Kontext transformer.
 
 Known answers: exact identity at init, one expert per sample under style routing, a
 layer-level reference formula for both routings, the balance loss's minimum, gradients

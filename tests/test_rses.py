@@ -1,4 +1,4 @@
-"""Known-answer tests of the RSES components and COCO size buckets (METHOD.md section 7).
+"""Known-answer tests of the RSES components and COCO size buckets (docs/method.md section 7).
 
 Tiny offline models: the tiny open_clip CLIP and LPIPS with a random AlexNet trunk
 (calibrated linear layers from the lpips package). Values are meaningless as quality

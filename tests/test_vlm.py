@@ -1,4 +1,4 @@
-"""Tests of the VLM judge (METHOD.md section 7) on the tiny, in-code Qwen2.5-VL.
+"""Tests of the VLM judge (docs/method.md section 7) on the tiny, in-code Qwen2.5-VL.
 
 The tiny judge's answers are noise (random weights, scaled so P(yes) spreads over
 [0, 1]); the tests check the prompts, the seeded negative style, the yes/no token

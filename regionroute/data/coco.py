@@ -1,6 +1,6 @@
 """Stage ``sample``: COCO image-caption pairs with one target object mask each.
 
-METHOD.md §1.1-1.2. For every image with at least one *usable* instance (non-crowd,
+docs/method.md §1.1-1.2. For every image with at least one *usable* instance (non-crowd,
 allowed category, area >= ``min_area_frac`` of the image) the target is drawn
 uniformly among them with a generator seeded by ``(seed, image_id)``, so an image's
 choice does not depend on which other images were drawn. Images are visited in a

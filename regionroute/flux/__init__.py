@@ -1,1 +1,1 @@
-"""FLUX.1-Kontext specifics: style-word token spans and style-token attention capture (METHOD.md section 3)."""
+"""FLUX.1-Kontext specifics: style-word token spans and style-token attention capture (docs/method.md section 3)."""

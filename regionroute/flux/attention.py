@@ -1,4 +1,4 @@
-"""Style-token attention capture for FLUX(.1-Kontext) transformers, row-wise and exact (METHOD.md section 3).
+"""Style-token attention capture for FLUX(.1-Kontext) transformers, row-wise and exact (docs/method.md section 3).
 
 Used by training (maps for the focus/cover losses, :mod:`regionroute.losses`), inference
 (maps saved per denoising step) and evaluation (:mod:`regionroute.metrics.attention`).

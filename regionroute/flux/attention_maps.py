@@ -1,4 +1,4 @@
-"""The math of the style-token attention maps: row-wise, exact, float32 (METHOD.md section 3).
+"""The math of the style-token attention maps: row-wise, exact, float32 (docs/method.md section 3).
 
 Used by :mod:`regionroute.flux.attention` (the recorder installed in the transformer),
 which documents the contract. Per layer, from post-RoPE ``q, k`` (B, T, H, d):

@@ -1,4 +1,4 @@
-"""Positions of the style word's T5 tokens in each instruction (METHOD.md section 3, the set ``S``).
+"""Positions of the style word's T5 tokens in each instruction (docs/method.md section 3, the set ``S``).
 
 Used by training (the attention losses), inference (the saved attention maps) and the
 evaluation's attention-localization metric: all of them need, per sample, the text

@@ -1,4 +1,4 @@
-"""Dual-stream LoRA-MoE: one LoRA expert per style on FLUX.1-Kontext (METHOD.md §5).
+"""Dual-stream LoRA-MoE: one LoRA expert per style on FLUX.1-Kontext (docs/method.md §5).
 
 Structured like a small peft tuner: ``config`` (``params.yaml: lora:``), ``layer`` (the
 routed MoE LoRA around one ``nn.Linear``), ``router`` (style / learned MoLE gate),

@@ -1,4 +1,4 @@
-"""``params.yaml: lora:`` -- the dual-stream LoRA-MoE configuration (METHOD.md §5).
+"""``params.yaml: lora:`` -- the dual-stream LoRA-MoE configuration (docs/method.md §5).
 
 Used by the ``train`` stage (inject experts, then train them jointly) and by ``infer``
 (rebuild the MoE from a saved run). Defaults are the paper's: rank 4, alpha 4, a

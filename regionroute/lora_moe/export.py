@@ -1,4 +1,4 @@
-"""Save, load and export the LoRA-MoE (METHOD.md §5, "Export").
+"""Save, load and export the LoRA-MoE (docs/method.md §5, "Export").
 
 Used by the ``train`` stage (checkpoint + export) and by ``infer`` (reload).
 

@@ -1,4 +1,4 @@
-"""Put LoRA experts into a FLUX transformer and route them (METHOD.md §5).
+"""Put LoRA experts into a FLUX transformer and route them (docs/method.md §5).
 
 Used by the ``train`` stage (inject, route per batch, train ``trainable_parameters()``)
 and by ``infer`` (route to a style, or merge one expert for fast single-style runs).

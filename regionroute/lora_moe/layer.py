@@ -1,4 +1,4 @@
-"""A mixture of LoRA experts around one frozen ``nn.Linear`` (METHOD.md §5).
+"""A mixture of LoRA experts around one frozen ``nn.Linear`` (docs/method.md §5).
 
 Used by the ``train`` stage (experts learn) and by ``infer`` (routed or merged
 experts). Each layer holds E experts stacked into two tensors, ``lora_A`` (E, r, in)

@@ -1,4 +1,4 @@
-"""The transformer and its learned gate as one ``nn.Module``, so DDP synchronises both (METHOD.md §5).
+"""The transformer and its learned gate as one ``nn.Module``, so DDP synchronises both (docs/method.md §5).
 
 Used by the ``train`` stage, which hands this module (not the bare transformer) to
 ``accelerator.prepare``. DDP all-reduces the gradients of the parameters of the module

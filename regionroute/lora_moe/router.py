@@ -1,4 +1,4 @@
-"""Routers: which expert (or which mixture of experts) serves each sample (METHOD.md §5).
+"""Routers: which expert (or which mixture of experts) serves each sample (docs/method.md §5).
 
 Used by the ``train`` stage and ``infer`` through :class:`~regionroute.lora_moe.inject.LoraMoE`.
 

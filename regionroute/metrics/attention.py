@@ -1,4 +1,4 @@
-"""Attention localization: how much of the style token's attention falls on the target object (METHOD.md §7).
+"""Attention localization: how much of the style token's attention falls on the target object (docs/method.md §7).
 
 Beyond the paper. Used by the training logs (on the maps the losses see), by inference
 (maps saved per denoising step) and by the ``score`` stage, per method and object size.

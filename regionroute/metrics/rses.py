@@ -1,4 +1,4 @@
-"""RSES components: regional style match (RSM) and background identity (METHOD.md section 7).
+"""RSES components: regional style match (RSM) and background identity (docs/method.md section 7).
 
 Used by the ``score`` stage. RSES is reported as its parts, never folded into one number:
 
@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 
 from regionroute.errors import DataError
+from regionroute.metrics.region import CLIP_MEAN_RGB, region_crop
 
 __all__ = [
     "CLIP_MEAN_RGB",
@@ -52,8 +53,6 @@ __all__ = [
     "region_crop",
 ]
 
-#: OpenAI CLIP's normalization mean, as a uint8 RGB colour.
-CLIP_MEAN_RGB: tuple[int, int, int] = (123, 117, 104)  # round(OPENAI_DATASET_MEAN * 255)
 #: PSNR reported for a background with MSE 0.
 PSNR_MAX = 100.0
 RSES_COLUMNS: tuple[str, ...] = (
@@ -69,34 +68,6 @@ RSES_COLUMNS: tuple[str, ...] = (
     "lpips_bg_piebench",
     "bg_fraction",
 )
-
-
-def region_crop(
-    image: np.ndarray, mask: np.ndarray, fill: Sequence[int] = CLIP_MEAN_RGB, square: bool = False
-) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Crop ``image`` (H, W, 3) uint8 to the bounding box of ``mask`` (H, W) bool.
-
-    Pixels of the box outside the mask become ``fill``; with ``square`` the crop is
-    centred on a square canvas of ``fill``. Returns the crop and the box
-    ``(top, left, bottom, right)`` (exclusive ends). An empty mask is an error.
-    """
-    _check_pair(image, mask)
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        raise DataError("region_crop: the mask is empty")
-    box = (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
-    top, left, bottom, right = box
-    colour = np.asarray(fill, dtype=np.uint8)
-    crop = np.where(mask[top:bottom, left:right, None], image[top:bottom, left:right], colour)  # (h, w, 3)
-    if square:
-        h, w = crop.shape[:2]
-        side = max(h, w)
-        canvas = np.empty((side, side, 3), dtype=np.uint8)
-        canvas[:] = colour
-        y, x = (side - h) // 2, (side - w) // 2
-        canvas[y : y + h, x : x + w] = crop
-        crop = canvas
-    return crop.astype(np.uint8), box
 
 
 def background_mask(mask: np.ndarray, dilate: int = 5) -> np.ndarray:

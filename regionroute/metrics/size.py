@@ -1,4 +1,4 @@
-"""Object-size buckets with COCO's area thresholds (METHOD.md section 7, stratification).
+"""Object-size buckets with COCO's area thresholds (docs/method.md section 7, stratification).
 
 Used by the ``score`` and ``report`` stages to stratify every metric by object size,
 since small objects are the known failure. Areas are in *original-image* pixels (the

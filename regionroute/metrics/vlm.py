@@ -1,4 +1,4 @@
-"""VLM judge: P(yes) from Qwen2.5-VL's next-token logits (METHOD.md section 7, VLM).
+"""VLM judge: P(yes) from Qwen2.5-VL's next-token logits (docs/method.md section 7, VLM).
 
 Used by the ``score`` stage. Per edited image, with a negative style drawn (seeded by
 the sample id) from the *other* styles, four questions, each followed by

@@ -1,4 +1,4 @@
-"""Loading the CLIP model of the RSM metric (METHOD.md section 7) with open_clip.
+"""Loading the CLIP model of the RSM metric (docs/method.md section 7) with open_clip.
 
 Used by the ``score`` stage through :class:`regionroute.metrics.rses.RSESScorer`. A
 reference is one of:

@@ -1,4 +1,4 @@
-"""Loading the LPIPS network of the background-identity metric (METHOD.md section 7).
+"""Loading the LPIPS network of the background-identity metric (docs/method.md section 7).
 
 Used by the ``score`` stage through :class:`regionroute.metrics.rses.RSESScorer`. The
 model always returns the *spatial* LPIPS map (``spatial=True``), from which ``LPIPS_bg``

@@ -1,4 +1,4 @@
-"""Loading the Qwen2.5-VL judge (METHOD.md section 7, VLM) and its processor.
+"""Loading the Qwen2.5-VL judge (docs/method.md section 7, VLM) and its processor.
 
 Used by the ``score`` stage through :class:`regionroute.metrics.vlm.VLMJudge`. A
 reference is ``"tiny"`` (:mod:`regionroute.tiny.qwen`, built once into the cache), a

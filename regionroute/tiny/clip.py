@@ -1,7 +1,7 @@
 """A tiny open_clip CLIP built in code, for the offline RSM metric (tests, the demo, CI).
 
 Same class (``open_clip.model.CLIP``), interfaces and preprocessing as the paper's
-ViT-L/14 (METHOD.md section 7, RSM), with toy sizes: a 2-layer ViT on 32 px inputs and
+ViT-L/14 (docs/method.md section 7, RSM), with toy sizes: a 2-layer ViT on 32 px inputs and
 a 2-layer text transformer. The text side keeps open_clip's own BPE vocabulary
 (``SimpleTokenizer``, shipped inside the package, so nothing is downloaded); only the
 embedding width is tiny. Weights are seeded, written as safetensors next to an

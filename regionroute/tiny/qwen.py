@@ -1,7 +1,7 @@
 """A tiny Qwen2.5-VL built in code, for the offline VLM judge (tests, the demo, CI).
 
 Same classes as the paper's judge (``Qwen2_5_VLForConditionalGeneration`` +
-``Qwen2_5_VLProcessor``; METHOD.md section 7, VLM) with toy sizes: a 2-block vision
+``Qwen2_5_VLProcessor``; docs/method.md section 7, VLM) with toy sizes: a 2-block vision
 tower (14 px patches, 2x2 merge, windowed + full attention) feeding a 2-layer text
 model with M-RoPE. The tokenizer is a byte-level BPE trained in code on the judge's
 prompts, with the special tokens the processor and the chat template need

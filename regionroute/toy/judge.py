@@ -7,7 +7,7 @@ with ``score.clip: toy`` through the same code as any open_clip model
 
 Training data, made on the fly from procedural scenes (:mod:`regionroute.toy.scenes`): one
 instance per scene, cropped exactly as the score stage crops a region
-(:func:`regionroute.metrics.rses.region_crop`, mask bounding box, outside pixels = the
+(:func:`regionroute.metrics.region.region_crop`, mask bounding box, outside pixels = the
 CLIP mean colour, squared), under one of five classes:
 
 * a style (``"an image in {style} style"``, the score stage's template): the object
@@ -85,7 +85,7 @@ def _preprocess_cfg() -> dict[str, Any]:
 
 def make_crops(rng: np.random.Generator, n: int, size: int, classes: int) -> tuple[list[np.ndarray], np.ndarray]:
     """``n`` region crops (uint8, square) and their class (0..3 a style of STYLES, 4 plain)."""
-    from regionroute.metrics.rses import region_crop
+    from regionroute.metrics.region import region_crop
     from regionroute.toy.filters import STYLES, apply_style, recolour
     from regionroute.toy.scenes import COLOURS, render_batch
 
