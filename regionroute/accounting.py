@@ -48,7 +48,7 @@ from regionroute.memtrace import (
     vae_peak,
     vlm_language_peak,
 )
-from regionroute.model_configs import clip_model_cfg, kontext_configs, vlm_config
+from regionroute.model_configs import clip_model_cfg, kontext_configs, vae_class, vlm_config
 
 __all__ = [
     "RUNTIME_RESERVE",
@@ -230,7 +230,6 @@ def account(
 
     kc = kontext_configs(m.kontext, hf_cache) if {"stylize", "train", "infer"} & set(stages) else None
     if kc is not None:
-        from diffusers import AutoencoderKL
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
         sources["kontext"] = kc.source
@@ -238,7 +237,7 @@ def account(
         counts["transformer"] = lora["base_params"]
         counts["text_encoder"] = _n_params(_meta(lambda: CLIPTextModel(CLIPTextConfig(**kc.text_encoder))))
         counts["text_encoder_2"] = _n_params(_meta(lambda: T5EncoderModel(T5Config(**kc.text_encoder_2))))
-        counts["vae"] = _n_params(_meta(lambda: AutoencoderKL.from_config(kc.vae)))
+        counts["vae"] = _n_params(_meta(lambda: vae_class(kc.vae).from_config(kc.vae)))
         n_lora = lora["lora_params"]["total"]
         trainable = {"params": n_lora * lb, "grads": n_lora * lb}
         trainable["optimizer"] = optimizer_state_bytes(lora["trainable_shapes"], lb, tr.optimizer)

@@ -351,15 +351,20 @@ def clip_text_peak(cfg: dict[str, Any], batch: int, dtype: torch.dtype) -> int:
 
 
 def vae_peak(cfg: dict[str, Any], batch: int, res: int, dtype: torch.dtype, decode: bool) -> int:
-    """Peak of the VAE encoding ``batch`` images of ``res`` px, or decoding their latents (``res / 8``)."""
-    from diffusers import AutoencoderKL
+    """Peak of the VAE encoding ``batch`` images of ``res`` px, or decoding their latents.
 
+    The class is the config's (``AutoencoderKL``, or the toy world's ``PixelShuffleVAE``); the
+    latent side is ``res / 2 ** (len(block_out_channels) - 1)``, as the pipeline computes it.
+    """
+    from regionroute.model_configs import vae_class
+
+    side = res // 2 ** (len(cfg["block_out_channels"]) - 1)
     if decode:
-        lat = lambda: torch.zeros(batch, int(cfg["latent_channels"]), res // 8, res // 8, dtype=dtype)  # noqa: E731
+        lat = lambda: torch.zeros(batch, int(cfg["latent_channels"]), side, side, dtype=dtype)  # noqa: E731
         run = lambda m: m.decode(lat()).sample  # noqa: E731
     else:
         run = lambda m: m.encode(torch.zeros(batch, 3, res, res, dtype=dtype)).latent_dist.mode()  # noqa: E731
-    return trace_forward(lambda: AutoencoderKL.from_config(cfg), run, dtype).peak
+    return trace_forward(lambda: vae_class(cfg).from_config(cfg), run, dtype).peak
 
 
 def open_clip_builder(model_cfg: dict[str, Any], quick_gelu: bool) -> Callable[[], nn.Module]:

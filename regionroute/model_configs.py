@@ -18,7 +18,15 @@ import torch
 
 from regionroute.refs import FileSource, toy_dir
 
-__all__ = ["FLUX_KONTEXT_DEV", "QWEN25_VL_7B", "KontextConfigs", "clip_model_cfg", "kontext_configs", "vlm_config"]
+__all__ = [
+    "FLUX_KONTEXT_DEV",
+    "QWEN25_VL_7B",
+    "KontextConfigs",
+    "clip_model_cfg",
+    "kontext_configs",
+    "vae_class",
+    "vlm_config",
+]
 
 #: black-forest-labs/FLUX.1-Kontext-dev, the ``config.json`` of each diffusers component.
 FLUX_KONTEXT_DEV: dict[str, dict[str, Any]] = {
@@ -72,6 +80,17 @@ class KontextConfigs:
     text_encoder_2: dict[str, Any]
     vae: dict[str, Any]
     source: str
+
+
+def vae_class(cfg: dict[str, Any]) -> type:
+    """The VAE class a Kontext ``vae/config.json`` names: ``AutoencoderKL`` or the toy world's latent."""
+    if cfg.get("_class_name") == "PixelShuffleVAE":
+        from regionroute.toy.latent import PixelShuffleVAE
+
+        return PixelShuffleVAE
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL
 
 
 def kontext_configs(ref: str, cache_dir: Path | None = None) -> KontextConfigs | None:

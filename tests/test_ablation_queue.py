@@ -64,7 +64,7 @@ def test_queued_ablations_run_on_two_workers_and_are_collected(tmp_path):
     _run(["git", "clone", "-q", str(ROOT), str(repo)], tmp_path, env)
     _run(["git", "config", "user.email", "test@example.com"], repo, env)
     _run(["git", "config", "user.name", "test"], repo, env)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = yaml.safe_load((repo / "configs" / "demo.yaml").read_text())  # tiny models, whatever the default
     for (section, key), value in TINY.items():
         params[section][key] = value
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
