@@ -1,6 +1,6 @@
 """Flow-matching inputs and loss for FLUX.1-Kontext, as diffusers' Kontext LoRA script builds them.
 
-METHOD.md §2. The building blocks of every training loop in the project: the ``train``
+docs/method.md §2. The building blocks of every training loop in the project: the ``train``
 stage (LoRA-MoE on the pseudo-GT) and the toy world's base pretraining
 (:mod:`regionroute.toy`) call these instead of re-deriving them. Follows
 ``examples/dreambooth/train_dreambooth_lora_flux_kontext.py`` (helpers imported from

@@ -2,7 +2,7 @@
 
 Component sizes follow ARCHITECTURE.md's test recipe, with a 4-level VAE so the
 latent grid keeps the real model's geometry (``vae_scale_factor = 8``, 2x2 packing:
-one token per 16x16 pixels, as METHOD.md's ``h = H / 16``).
+one token per 16x16 pixels, as docs/method.md's ``h = H / 16``).
 """
 
 from __future__ import annotations
