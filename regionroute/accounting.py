@@ -210,7 +210,10 @@ def account(
     """
     m, lcfg, tr, inf, sty = params.models, params.lora, params.train, params.infer, params.stylize
     res = params.sample.resolution
-    grid = (res // 16, res // 16)
+    kc = kontext_configs(m.kontext, hf_cache) if {"stylize", "train", "infer"} & set(stages) else None
+    # one token per 2x2 latent patch: 16 px with FLUX's VAE (f = 8), 8 px with the toy latent (f = 4)
+    vae_factor = 2 ** (len(kc.vae.get("block_out_channels", (0,) * 4)) - 1) if kc is not None else 8
+    grid = (res // (2 * vae_factor), res // (2 * vae_factor))
     n = grid[0] * grid[1]
     wdt, wb, lb = _DTYPES[m.dtype], _DTYPE_BYTES[m.dtype], _DTYPE_BYTES[lcfg.dtype]
     infer_len = inf.max_sequence_length or tr.max_sequence_length
@@ -228,7 +231,6 @@ def account(
     def biggest(parts: dict[str, int | None]) -> int | None:
         return None if any(v is None for v in parts.values()) else max(v for v in parts.values() if v is not None)
 
-    kc = kontext_configs(m.kontext, hf_cache) if {"stylize", "train", "infer"} & set(stages) else None
     if kc is not None:
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 

@@ -143,7 +143,9 @@ def missing_pipeline_files(src: FileSource) -> list[str]:
         else:
             needed = [f"{name}/config.json"]
             if src.path(needed[0]) is not None:
-                missing += missing_weights(src, name, "diffusers" if library == "diffusers" else "transformers")
+                # transformers models save model.safetensors; diffusers models, and the ModelMixin
+                # classes of other modules (the toy VAE, regionroute.toy.latent), diffusion_pytorch_model
+                missing += missing_weights(src, name, "transformers" if library == "transformers" else "diffusers")
         missing += [f for f in needed if src.path(f) is None]
     return missing
 

@@ -239,10 +239,18 @@ def test_checkpointing_and_precision_change_the_trace():
     assert fp32.peak > trace_flux(TINY, torch.bfloat16, calls["stylize"]).peak
 
 
-def test_demo_accounting_is_complete(tmp_path, monkeypatch):
+def test_default_accounting_is_complete(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    acc = account(load_params(ROOT / "params.yaml"))
+    params = load_params(ROOT / "params.yaml")
+    acc = account(params)
     assert set(acc.stages) == {"stylize", "train", "infer", "score"}
+    # image tokens as the toy model makes them: its VAE's latent, packed 2x2 (8 x 8 at 64 px, not 16 px tokens)
+    from regionroute.toy.latent import PixelShuffleVAE
+
+    vae = PixelShuffleVAE.from_pretrained(ROOT / "toy" / "models" / "kontext" / "vae")
+    res = params.sample.resolution
+    latent = vae.encode(torch.zeros(1, 3, res, res)).latent_dist.mode()
+    assert acc.tokens["train"]["image"] == latent.shape[-2] * latent.shape[-1] // 4 == 64
     for stage in acc.stages.values():
         assert stage.activations > 0 and stage.total == stage.tensors + stage.reserve
     train = acc.stages["train"]

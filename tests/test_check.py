@@ -43,7 +43,10 @@ def cache_file(cache: Path, repo: str, rel: str, content: bytes = b"") -> Path:
     return path
 
 
-def write_params(tmp_path: Path, base: Path = ROOT / "params.yaml", **sections: dict) -> Path:
+DEMO_PARAMS = ROOT / "configs" / "demo.yaml"  # the tiny random models: the memory arithmetic the tests pin
+
+
+def write_params(tmp_path: Path, base: Path = DEMO_PARAMS, **sections: dict) -> Path:
     raw = yaml.safe_load(base.read_text())
     for name, values in sections.items():
         raw[name].update(values)
@@ -175,12 +178,12 @@ def test_coco_layout_and_counts(tmp_path, demo_copy):
 # -- device, memory, settings -----------------------------------------------------------------------------
 def test_memory_shortfall_is_an_error_per_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(chk, "_free_bytes", lambda device: (2**20, "free in the test"))
-    found = errors(check(ROOT / "params.yaml"))
+    found = errors(check(DEMO_PARAMS))
     for stage in ("stylize", "train", "infer", "score"):
         assert found[stage].startswith(f"error: {stage}: needs ") and "1 MiB free in the test" in found[stage]
         assert "the weights alone need" in found[stage]
     monkeypatch.setattr(chk, "_free_bytes", lambda device: (4 * 2**20, "free in the test"))
-    found = errors(check(ROOT / "params.yaml"))
+    found = errors(check(DEMO_PARAMS))
     assert "lower stylize.batch_size" in found["stylize"]
     assert "encoding the dataset needs" in found["train"]  # the demo's VAE pass on 8 images is its peak
     # a training phase larger than the encoding phase: the checkpointing switch is the suggested fix
@@ -237,12 +240,12 @@ def test_preflight_raises_the_stage_problems(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"score.vlm: org/not-downloaded is not in the local Hugging Face cache"):
         preflight(params, "score")
     monkeypatch.setattr(chk, "_free_bytes", lambda device: (2**20, "free in the test"))
-    preflight(ROOT / "params.yaml", "train")  # on the CPU the stage runs without the memory trace
+    preflight(DEMO_PARAMS, "train")  # on the CPU the stage runs without the memory trace
     monkeypatch.setattr(chk, "_device", lambda params, stage: ("models.device", "cuda"))
     with pytest.raises(UserError, match=r"^train: needs .* on cuda \(models.device\)"):
-        preflight(ROOT / "params.yaml", "train")
+        preflight(DEMO_PARAMS, "train")
     with pytest.raises(ValueError, match="unknown stage"):
-        preflight(ROOT / "params.yaml", "sample")
+        preflight(DEMO_PARAMS, "sample")
 
 
 @pytest.mark.slow
