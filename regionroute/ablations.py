@@ -34,6 +34,10 @@ ABLATION_METRICS: tuple[tuple[str, str], ...] = (
     ("q2", "Q2 ↓"),
     ("attn_mass_in", "attn mass in ↑"),
 )
+#: metrics the comparison column judges (Q1/Q2 only mean something with a real VLM judge)
+JUDGED: frozenset[str] = frozenset({"rsm_text", "mse_fg", "lpips_bg", "mse_bg", "attn_mass_in"})
+#: relative change below which a row is "not worse" (run-to-run noise of the toy world is a few %)
+TOLERANCE = 0.05
 _PARAM_SECTIONS = ("lora.", "loss.", "train.", "sample.", "composite.", "stylize.")
 
 ExpRow = tuple[str, dict[str, Any], dict[str, Any]]  # (label, flat params, score.json data)
@@ -75,6 +79,8 @@ def exp_rows(show: list[dict[str, Any]]) -> Iterator[ExpRow]:
         yield label, _flatten(_file_data(state, "params", PARAMS_FILE)), _file_data(state, "metrics", SCORE_FILE)
         for exp_range in state.get("experiments") or []:
             for rev in exp_range.get("revs") or []:
+                if (rev.get("data") or {}).get("rev") == "workspace":
+                    continue  # running: dvc shows the workspace's files, not the experiment's
                 name = rev.get("name") or exp_range.get("name") or str(rev.get("rev", "?"))[:7]
                 params = _flatten(_file_data(rev, "params", PARAMS_FILE))
                 yield name, params, _file_data(rev, "metrics", SCORE_FILE)
@@ -84,27 +90,55 @@ def _cell(value: Any) -> str:
     return "-" if value is None else f"{float(value):.4f}"
 
 
+def _compare(score: Mapping[str, Any], ref: Mapping[str, Any]) -> str:
+    """Which judged metrics are worse / better than the reference's by more than TOLERANCE (relative)."""
+    worse, better = [], []
+    for key, header in ABLATION_METRICS:
+        a, b = score.get(key), ref.get(key)
+        if key not in JUDGED or a is None or b is None:
+            continue
+        sign = 1.0 if header.endswith("↑") else -1.0
+        change = sign * (float(a) - float(b)) / max(abs(float(b)), 1e-12)
+        if change < -TOLERANCE:
+            worse.append(header[:-2])
+        elif change > TOLERANCE:
+            better.append(header[:-2])
+    parts = [
+        f"worse: {', '.join(worse)}" if worse else "not worse on any",
+        *([f"better: {', '.join(better)}"] * bool(better)),
+    ]
+    return "; ".join(parts)
+
+
 def ablation_table(show: list[dict[str, Any]]) -> str:
-    """Markdown table: experiment | differing params | RegionRoute metrics (+ the base's reference row)."""
+    """Markdown table: experiment | differing params | RegionRoute metrics | computed comparison with the
+    reference (the first commit row: what the experiments start from) | the base's reference row."""
     rows = [(label, p, s) for label, p, s in exp_rows(show) if isinstance(s.get("regionroute"), Mapping)]
     if not rows:
         raise UserError(f"no RegionRoute metrics in {SCORE_FILE}: run `dvc repro` (or `dvc exp run`) first")
+    if len(rows) > 1 and rows[0][0] == "workspace" and rows[0][1:] == rows[1][1:]:
+        rows = rows[1:]  # an unchanged workspace repeats its commit
+    ref_label, ref = rows[0][0], rows[0][2]["regionroute"]
     keys = sorted({k for _, p, _ in rows for k in p if k.startswith(_PARAM_SECTIONS)})
     differing = [k for k in keys if len({json.dumps(p.get(k), sort_keys=True) for _, p, _ in rows}) > 1]
-    header = ["experiment", *differing, *(h for _, h in ABLATION_METRICS)]
+    header = ["experiment", *differing, *(h for _, h in ABLATION_METRICS), f"vs {ref_label}"]
     lines = [
         "| " + " | ".join(header) + " |",
-        "|" + "|".join([":---"] * (1 + len(differing)) + ["---:"] * len(ABLATION_METRICS)) + "|",
+        "|" + "|".join([":---"] * (1 + len(differing)) + ["---:"] * len(ABLATION_METRICS) + [":---"]) + "|",
     ]
-    for label, params, score in rows:
+    for i, (label, params, score) in enumerate(rows):
         cells = [label, *(str(params.get(k, "-")) for k in differing)]
         cells += [_cell(score["regionroute"].get(m)) for m, _ in ABLATION_METRICS]
+        cells.append("(reference)" if i == 0 else _compare(score["regionroute"], ref))
         lines.append("| " + " | ".join(cells) + " |")
-    base = rows[0][2].get("kontext")
-    if isinstance(base, Mapping):
-        cells = [f"*base Kontext ({rows[0][0]})*", *("" for _ in differing)]
-        cells += [_cell(base.get(m)) for m, _ in ABLATION_METRICS]
-        lines.append("| " + " | ".join(cells) + " |")
+    bases: list[Mapping[str, Any]] = []  # one row per distinct base (another sample seed: other pairs)
+    for label, _, score in rows:
+        base = score.get("kontext")
+        if isinstance(base, Mapping) and base not in bases:
+            bases.append(base)
+            cells = [f"*base Kontext ({label})*", *("" for _ in differing)]
+            cells += [_cell(base.get(m)) for m, _ in ABLATION_METRICS] + [""]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -115,8 +149,11 @@ def write_ablations(out: Path, repo: Path = Path(".")) -> Path:
         "# Ablations", "",
         "Generated by `regionroute ablations` from `dvc exp show --json`; params shown are the "
         f"`{PARAMS_FILE}` values that differ between the rows (workspace, commits and experiments). "
-        f"Metrics: the `regionroute` method in `{SCORE_FILE}`; the last row is the base Kontext "
-        "(no LoRA) of the first row, for reference.", "",
+        f"Metrics: the `regionroute` method in `{SCORE_FILE}`; the last rows are the base Kontext "
+        "(no LoRA) of the first row, and of any row evaluated on other pairs (another sample seed), "
+        "for reference. The last column is computed: the metrics on which "
+        f"a row is worse (or better) than the first row by more than {TOLERANCE:.0%} relative "
+        f"({', '.join(sorted(JUDGED))}; Q1/Q2 are left out: they only mean something with a real VLM).", "",
         table, "",
     ])  # fmt: skip
     with atomic_path(out) as tmp:
