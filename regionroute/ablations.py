@@ -103,11 +103,8 @@ def _compare(score: Mapping[str, Any], ref: Mapping[str, Any]) -> str:
             worse.append(header[:-2])
         elif change > TOLERANCE:
             better.append(header[:-2])
-    parts = [
-        f"worse: {', '.join(worse)}" if worse else "not worse on any",
-        *([f"better: {', '.join(better)}"] * bool(better)),
-    ]
-    return "; ".join(parts)
+    verdict = f"worse: {', '.join(worse)}" if worse else "not worse on any"
+    return f"{verdict}; better: {', '.join(better)}" if better else verdict
 
 
 def ablation_table(show: list[dict[str, Any]]) -> str:

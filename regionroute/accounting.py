@@ -48,7 +48,7 @@ from regionroute.memtrace import (
     vae_peak,
     vlm_language_peak,
 )
-from regionroute.model_configs import clip_model_cfg, kontext_configs, vae_class, vlm_config
+from regionroute.model_configs import clip_model_cfg, kontext_configs, vae_class, vae_scale_factor, vlm_config
 
 __all__ = [
     "RUNTIME_RESERVE",
@@ -212,8 +212,8 @@ def account(
     res = params.sample.resolution
     kc = kontext_configs(m.kontext, hf_cache) if {"stylize", "train", "infer"} & set(stages) else None
     # one token per 2x2 latent patch: 16 px with FLUX's VAE (f = 8), 8 px with the toy latent (f = 4)
-    vae_factor = 2 ** (len(kc.vae.get("block_out_channels", (0,) * 4)) - 1) if kc is not None else 8
-    grid = (res // (2 * vae_factor), res // (2 * vae_factor))
+    patch = 2 * (vae_scale_factor(kc.vae) if kc is not None else 8)
+    grid = (res // patch, res // patch)
     n = grid[0] * grid[1]
     wdt, wb, lb = _DTYPES[m.dtype], _DTYPE_BYTES[m.dtype], _DTYPE_BYTES[lcfg.dtype]
     infer_len = inf.max_sequence_length or tr.max_sequence_length

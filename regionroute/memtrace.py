@@ -356,9 +356,9 @@ def vae_peak(cfg: dict[str, Any], batch: int, res: int, dtype: torch.dtype, deco
     The class is the config's (``AutoencoderKL``, or the toy world's ``PixelShuffleVAE``); the
     latent side is ``res / 2 ** (len(block_out_channels) - 1)``, as the pipeline computes it.
     """
-    from regionroute.model_configs import vae_class
+    from regionroute.model_configs import vae_class, vae_scale_factor
 
-    side = res // 2 ** (len(cfg["block_out_channels"]) - 1)
+    side = res // vae_scale_factor(cfg)
     if decode:
         lat = lambda: torch.zeros(batch, int(cfg["latent_channels"]), side, side, dtype=dtype)  # noqa: E731
         run = lambda m: m.decode(lat()).sample  # noqa: E731

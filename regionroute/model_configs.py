@@ -25,6 +25,7 @@ __all__ = [
     "clip_model_cfg",
     "kontext_configs",
     "vae_class",
+    "vae_scale_factor",
     "vlm_config",
 ]
 
@@ -80,6 +81,12 @@ class KontextConfigs:
     text_encoder_2: dict[str, Any]
     vae: dict[str, Any]
     source: str
+
+
+def vae_scale_factor(cfg: dict[str, Any]) -> int:
+    """Pixels per latent cell of a ``vae/config.json``, as ``FluxKontextPipeline`` computes it:
+    ``2 ** (len(block_out_channels) - 1)`` (8 for FLUX's AutoencoderKL, 4 for the toy latent)."""
+    return 2 ** (len(cfg["block_out_channels"]) - 1)
 
 
 def vae_class(cfg: dict[str, Any]) -> type:
