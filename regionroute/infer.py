@@ -14,7 +14,11 @@ docs/method.md §6. Methods (one code path; the ablations are the same stage und
   pseudo-GT). It uses the mask, so it is a reference upper bound, not a rival.
 
 Every pair x style gets the instruction ``infer.instruction`` and a generator seeded by
-``seed + image_id`` (the same for every method: paired comparisons). For the two model
+:func:`pair_seed` (``infer.seed``, image id): the same for every method (paired
+comparisons) and drawn independently of the noise ``stylize`` used for the same image
+(``stylize.seed + image_id``). With shared noise the base would re-draw its own
+pseudo-GT sample inside the mask and its ``mse_fg`` would measure noise identity, not
+style fidelity (toy world: 0.004 with the pseudo-GT's noise, 0.046 with independent noise). For the two model
 methods the style-token attention maps (docs/method.md §3, ``infer.attention_direction``) at
 the denoising steps ``infer.attention_steps`` (paper: 5, 10, 15, 20, 25; Fig. 6) and
 their mean are saved per pair as ``attention/<id>.npz`` (``maps`` (S, h, w), ``mean``
@@ -57,10 +61,33 @@ from regionroute.config import InferConfig
 from regionroute.errors import DataError, UserError
 from regionroute.io import atomic_path, prepare_resumable_dir, read_image, read_jsonl, write_image, write_jsonl
 
-__all__ = ["CODE_MODULES", "METHODS", "Editor", "resolve_text_length", "run_method", "save_attention_figure"]
+__all__ = [
+    "CODE_MODULES",
+    "METHODS",
+    "Editor",
+    "pair_seed",
+    "resolve_text_length",
+    "run_method",
+    "save_attention_figure",
+]
 
 Method = Literal["kontext", "regionroute", "oracle"]
 METHODS: tuple[str, ...] = ("kontext", "regionroute", "oracle")
+
+
+#: salt of the eval noise: never the stylize stage's ``seed + image_id`` stream
+_EVAL_NOISE_SALT = 0x52524556  # "RREV"
+
+
+def pair_seed(seed: int, image_id: int) -> int:
+    """The noise seed of one eval image, from ``infer.seed`` and its image id.
+
+    A 63-bit draw of numpy's ``SeedSequence`` over (salt, seed, image id): stable across
+    runs and machines, the same for every method, and independent of the seeds
+    ``stylize`` gives the pseudo-GT (``stylize.seed + image_id``, small integers).
+    """
+    state = np.random.SeedSequence([_EVAL_NOISE_SALT, int(seed), int(image_id)]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) or 1
 
 
 class Editor:
@@ -229,7 +256,7 @@ def _item_key(method: str, root: Path, r: dict[str, Any], cfg: InferConfig) -> s
     if method == "oracle":
         return json_digest([file_digest(root / r["pseudo_gt"])])
     instruction = cfg.instruction.format(object=r["object"], style=r["style"])
-    return json_digest([file_digest(root / r["original"]), instruction, cfg.seed + int(r["image_id"])])
+    return json_digest([file_digest(root / r["original"]), instruction, pair_seed(cfg.seed, r["image_id"])])
 
 
 def run_method(
@@ -286,7 +313,7 @@ def run_method(
                     bar.update(len(batch))
                     continue
                 images = [read_image(root / r["original"]) for r, _ in batch]
-                seeds = [cfg.seed + int(r["image_id"]) for r, _ in batch]
+                seeds = [pair_seed(cfg.seed, r["image_id"]) for r, _ in batch]
                 outs, maps = editor.edit(images, [r["object"] for r, _ in batch], style, seeds)
                 for i, (r, key) in enumerate(batch):
                     if maps is not None:
@@ -317,7 +344,7 @@ def run_method(
                     "style": r["style"],
                     "object": r["object"],
                     "method": method,
-                    "seed": cfg.seed + int(r["image_id"]),
+                    "seed": pair_seed(cfg.seed, r["image_id"]),
                     "instruction": cfg.instruction.format(object=r["object"], style=r["style"]),
                     "image": f"images/{r['id']}.png",
                     "attention": f"attention/{r['id']}.npz" if has_maps else None,
