@@ -1,0 +1,160 @@
+"""Why RegionRoute under-styles the object in the toy world: three diagnostics of a trained run.
+
+Run after ``dvc repro`` on the toy default (it reads ``models/regionroute``,
+``data/pseudo_gt/{train,eval}`` and ``data/infer/*``):
+
+* ``fit``: the trained experts on training pairs vs held-out pairs, MSE to the pseudo-GT
+  inside and outside the mask. Equal errors: the experts do not fit their own training
+  pairs any better (a fitting limit, not overfitting).
+* ``swap``: each requested style edited through each expert (merged by name, as ``infer``
+  does). Tells a routing bug (another expert matching the request's pseudo-GT better on
+  BOTH sides of the mask) from experts that learned to suppress their style (a foreign
+  expert matches better inside the object only because it leaves the style everywhere).
+* ``judge``: the toy CLIP judge's top class (the four styles or ``plain``) for each
+  method's object region in ``data/infer``, per requested style.
+* ``pathway``: where the base reads the style from. FLUX feeds the prompt twice: T5
+  tokens through attention, and CLIP's pooled embedding through the timestep embedding
+  into every block's AdaLN modulation (the same shift/scale for every token: global by
+  construction). The base edits with the T5 tokens of one style and the pooled embedding
+  of another (or of a style-free prompt); MSE to each style's stylization (``stylize``
+  stage) says which one it followed.
+
+    python benchmarks/toy_experts.py --pairs 16 > benchmarks/toy_experts.jsonl   # one JSON line per measurement
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from regionroute.config import InferConfig, ModelsConfig, TrainConfig, load_section
+from regionroute.infer import pair_seed, resolve_text_length
+from regionroute.io import read_image, read_jsonl, read_mask
+
+STYLES = ("pixel-art", "cyberpunk", "expressionism", "line-art")
+
+
+def _errors(outs: list[np.ndarray], rows: list[dict[str, Any]], root: Path) -> dict[str, float]:
+    """Mean MSE to the pseudo-GT inside and outside the mask, images in [0, 1]."""
+    fg, bg = [], []
+    for r, out in zip(rows, outs, strict=True):
+        gt = read_image(root / r["pseudo_gt"]).astype(np.float32) / 255
+        m = read_mask(root / r["mask"])
+        d = ((out.astype(np.float32) / 255 - gt) ** 2).mean(-1)
+        fg.append(float(d[m].mean()))
+        bg.append(float(d[~m].mean()))
+    return {"mse_fg": round(float(np.mean(fg)), 5), "mse_bg": round(float(np.mean(bg)), 5)}
+
+
+def _edit(pipe: Any, moe: Any, expert: str, rows: list[dict[str, Any]], root: Path, cfg: InferConfig) -> list:
+    from regionroute.flux.pipeline import kontext_edit
+
+    images = [read_image(root / r["original"]) for r in rows]
+    prompts = [cfg.instruction.format(object=r["object"], style=r["style"]) for r in rows]
+    seeds = [pair_seed(cfg.seed, r["image_id"]) for r in rows]
+    moe.merge(expert)
+    try:
+        return kontext_edit(pipe, images, prompts, seeds, cfg.steps, cfg.guidance, cfg.max_sequence_length)
+    finally:
+        moe.unmerge()
+
+
+def _judge(data: Path, params: Path, styles: tuple[str, ...]) -> None:
+    from regionroute.config import ScoreConfig
+    from regionroute.metrics.rses import RSESScorer
+
+    score = load_section(params, "score", ScoreConfig)
+    scorer = RSESScorer(score.clip, "tiny", device="cpu", dilate=score.dilate, template=score.template)
+    classes = [*styles, "plain"]
+    texts = [scorer.text_embedding(s) for s in styles]
+    plain = scorer.clip.encode_text(scorer.tokenizer(["plain"]), normalize=True)[0].float()
+    table = torch.stack([*texts, plain])  # (5, D)
+    root = data / "pseudo_gt" / "eval"
+    rows = read_jsonl(root / "records.jsonl")
+    for method in ("kontext", "regionroute", "oracle"):
+        for style in styles:
+            mine = [r for r in rows if r["style"] == style]
+            images = [read_image(data / "infer" / method / "images" / f"{r['id']}.png") for r in mine]
+            with torch.no_grad():
+                emb = scorer.region_embeddings(images, [read_mask(root / r["mask"]) for r in mine])
+            top = Counter(classes[int(i)] for i in (emb @ table.T).argmax(1))
+            print(json.dumps({"diagnostic": "judge", "method": method, "request": style, "n": len(mine),
+                              "top_class": dict(top.most_common())}), flush=True)  # fmt: skip
+
+
+def _pathway(pipe: Any, data: Path, params: Path, pairs: int, styles: tuple[str, ...]) -> None:
+    from regionroute.config import StylizeConfig
+    from regionroute.flux.pipeline import kontext_edit
+
+    st = load_section(params, "stylize", StylizeConfig)  # the stylize stage's own settings and seeds
+    root = data / "pseudo_gt" / "eval"
+    rows = [r for r in read_jsonl(root / "records.jsonl") if r["style"] == styles[0]][:pairs]
+    images = [read_image(root / r["original"]) for r in rows]
+    seeds = [st.seed + int(r["image_id"]) for r in rows]
+    refs = {s: [read_image(data / "stylized" / s / "eval" / "images" / f"{r['sample_id']}.png") for r in rows]
+            for s in styles}  # fmt: skip
+
+    def encode(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompt=[prompt] * len(rows), prompt_2=None, max_sequence_length=st.max_sequence_length
+        )
+        return embeds, pooled
+
+    def mse(outs: list[np.ndarray], ref: list[np.ndarray]) -> float:
+        return round(float(np.mean([((o / 255.0 - g / 255.0) ** 2).mean() for o, g in zip(outs, ref, strict=True)])), 5)
+
+    a, b = styles[1], styles[-1]
+    for t5, pooled in ((a, a), (a, b), (b, a), (a, None)):
+        embeds = encode(st.instruction.format(style=t5))[0]
+        pooled_embeds = encode(st.instruction.format(style=pooled) if pooled else "make the image")[1]
+        outs = kontext_edit(pipe, images, [""] * len(rows), seeds, st.steps, st.guidance, st.max_sequence_length,
+                            embeds=(embeds, pooled_embeds))  # fmt: skip
+        print(json.dumps({"diagnostic": "pathway", "t5_style": t5, "pooled_style": pooled, "n": len(rows),
+                          "mse_to_stylization": {s: mse(outs, refs[s]) for s in styles}}), flush=True)  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument("--model", type=Path, default=Path("models/regionroute"))
+    p.add_argument("--data", type=Path, default=Path("data"))
+    p.add_argument("--pairs", type=int, default=16, help="pairs per style and split")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    from regionroute.lora_moe import load_moe
+    from regionroute.models.kontext import load_kontext
+
+    models = load_section(args.params, "models", ModelsConfig)
+    length = load_section(args.params, "train", TrainConfig).max_sequence_length
+    cfg = resolve_text_length(load_section(args.params, "infer", InferConfig), length)
+    pipe = load_kontext(models)
+    _pathway(pipe, args.data, args.params, args.pairs, STYLES)  # the base alone, before the experts go in
+    moe = load_moe(pipe.transformer, args.model / "moe")
+    styles = tuple(s for s in STYLES if s in moe.experts)
+    for split in ("train", "eval"):
+        root = args.data / "pseudo_gt" / split
+        rows = read_jsonl(root / "records.jsonl")
+        for style in styles:
+            mine = [r for r in rows if r["style"] == style][: args.pairs]
+            errs = _errors(_edit(pipe, moe, style, mine, root, cfg), mine, root)
+            print(json.dumps({"diagnostic": "fit", "split": split, "style": style, "n": len(mine), **errs}), flush=True)
+    root = args.data / "pseudo_gt" / "eval"
+    rows = read_jsonl(root / "records.jsonl")
+    for style in styles:
+        mine = [r for r in rows if r["style"] == style][: args.pairs]
+        for expert in styles:
+            errs = _errors(_edit(pipe, moe, expert, mine, root, cfg), mine, root)
+            print(json.dumps({"diagnostic": "swap", "request": style, "expert": expert, "n": len(mine), **errs}),
+                  flush=True)  # fmt: skip
+    _judge(args.data, args.params, styles)
+
+
+if __name__ == "__main__":
+    main()
