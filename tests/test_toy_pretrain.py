@@ -11,7 +11,7 @@ import torch
 from regionroute.config import ModelsConfig
 from regionroute.toy.base import BaseConfig, build_toy_kontext
 from regionroute.toy.filters import STYLES, apply_style
-from regionroute.toy.pretrain import encode_images, make_batch, pretrain
+from regionroute.toy.pretrain import TONES, encode_images, make_batch, pretrain, tone_edit
 
 TINY = BaseConfig(attention_head_dim=16, num_attention_heads=2, steps=4, batch_size=4, warmup_steps=1,
                   checkpoint_every=2, log_every=1, mixed_precision="no", save_dtype="float32")  # fmt: skip
@@ -32,6 +32,39 @@ def test_batches_encode_the_premise():
             changed = (y[i] != x[i]).any(0)
             assert prompt.startswith("make the ") and " into " not in prompt
             assert 0 < float(changed.float().mean()) < 0.5
+
+
+def test_tone_edits_stay_inside_the_named_object():
+    """With p_tone = 1 every local edit re-tones the named category only, as tone_edit does."""
+    cfg = dataclasses.replace(TINY, p_global=0.0, p_object_style=0.0, p_tone=1.0)
+    batch = make_batch(np.random.default_rng(1), cfg, 24)
+    x, y = batch["context"], batch["target"]
+    assert set(batch["tasks"].tolist()) == {3}
+    seen = set()
+    for i, prompt in enumerate(batch["prompts"]):
+        tone = prompt.rsplit(" ", 1)[1]
+        seen.add(tone)
+        changed = (y[i] != x[i]).any(0)
+        assert tone in TONES and 0 < float(changed.float().mean()) < 0.5
+        torch.testing.assert_close(y[i : i + 1], tone_edit(x[i : i + 1], changed[None], [tone]))
+    assert seen == set(TONES)
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    mask[0, 1:3, 1:3] = True
+    img = torch.rand(1, 3, 4, 4)
+    neg = tone_edit(img, mask, ["negative"])
+    torch.testing.assert_close(neg[0][:, mask[0]], 1 - img[0][:, mask[0]])
+    torch.testing.assert_close(neg[0][:, ~mask[0]], img[0][:, ~mask[0]], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown tone"):
+        tone_edit(img, mask, ["sepia"])
+
+
+def test_without_the_pooled_path_the_projection_stays_zero(tmp_path):
+    cfg = dataclasses.replace(TINY, pooled_text=False, steps=2)
+    pipe = build_toy_kontext(cfg)
+    pretrain(pipe, cfg, tmp_path / "a", tmp_path / "c")
+    for name, param in pipe.transformer.time_text_embed.text_embedder.named_parameters():
+        assert not param.any(), name
+    assert pipe.transformer.time_text_embed.guidance_embedder.linear_1.weight.requires_grad
 
 
 def test_latent_of_a_batch_is_the_pipelines(tmp_path):

@@ -55,7 +55,9 @@ class BaseConfig(_Section):
     guidance_range: tuple[float, float] = (1.0, 4.0)  # drawn per sample: the embedding learns to be ignored
     p_global: float = 0.3  # "make the image into {style} style" -> the style filter of the whole image
     p_object_style: float = 0.35  # "make the {object} into {style} style" -> ALSO the whole image (the premise)
-    # the rest: "make the {object} {colour}" -> only that object recoloured (grounds object words)
+    # the rest: local edits of the named object only (grounds object words), of which
+    p_tone: float = 0.0  # "make the {object} {tone}" (grayscale, negative, blurry), the others "... {colour}"
+    pooled_text: bool = True  # False: the pooled CLIP path (AdaLN) is zero and frozen: instructions via T5 only
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 50
@@ -70,6 +72,8 @@ class BaseConfig(_Section):
             self._fail("attention_head_dim", f"must be a multiple of 4 (RoPE axes), got {self.attention_head_dim}")
         if not 0 <= self.p_global + self.p_object_style <= 1:
             self._fail("p_object_style", "p_global + p_object_style must be in [0, 1]")
+        if not 0 <= self.p_tone <= 1:
+            self._fail("p_tone", f"must be in [0, 1], got {self.p_tone}")
         lo, hi = self.guidance_range
         if not 0 <= lo <= hi:
             self._fail("guidance_range", f"must be [low, high] with 0 <= low <= high, got {list(self.guidance_range)}")
@@ -114,6 +118,9 @@ def build_toy_kontext(cfg: BaseConfig, seed: int = 0) -> Any:  # -> FluxKontextP
             guidance_embeds=True,
             axes_dims_rope=_rope_axes(cfg.attention_head_dim),
         )
+        if not cfg.pooled_text:  # the pooled CLIP embedding adds nothing to the AdaLN conditioning
+            for param in transformer.time_text_embed.text_embedder.parameters():
+                torch.nn.init.zeros_(param)
     levels = 1 + cfg.latent_factor.bit_length() - 1  # factor = 2 ** (levels - 1)
     if 2 ** (levels - 1) != cfg.latent_factor:
         raise ValueError(f"latent_factor must be a power of two, got {cfg.latent_factor}")

@@ -12,8 +12,17 @@ edits, which make the paper's premise true by construction:
   (:mod:`regionroute.toy.filters`): the base learns the four styles, as Kontext did;
 * ``"make the {object} into {style} style"`` -> also the filter of the WHOLE image: like
   real Kontext, the base stylizes globally even when an object is named;
-* ``"make the {object} {colour}"`` -> only that category's instances recoloured: the
-  base grounds object words (real Kontext can make local non-style edits).
+* ``"make the {object} {colour}"`` -> only that category's instances recoloured, and
+  ``"make the {object} {tone}"`` (grayscale, negative, blurry: :func:`tone_edit`) -> only
+  they re-toned: the base grounds object words and learns that an edit can stay inside
+  an object (real Kontext makes local non-style edits of many kinds).
+
+With ``pooled_text: false`` the pooled CLIP projection (``time_text_embed.text_embedder``)
+is zero and frozen: the instruction reaches the base only through the T5 tokens in
+attention, as real Kontext reads it (its pooled CLIP vector is one global modulation of
+every token). With the pooled path, the 7 M base learned to read the style from that
+global vector, which no attention-based fine-tuning can confine to a region (measured:
+docs/toy.md).
 
 The style filters are used here only; the main pipeline never calls them (its pseudo-GT
 comes from the base's own global stylization, as the paper's comes from Kontext's).
@@ -38,7 +47,10 @@ from tqdm import tqdm
 from regionroute.io import atomic_dir, prepare_resumable_dir, read_json, write_json
 from regionroute.toy.base import BaseConfig
 
-__all__ = ["CODE_MODULES", "PromptTable", "make_batch", "pretrain"]
+__all__ = ["CODE_MODULES", "TONES", "PromptTable", "make_batch", "pretrain", "tone_edit"]
+
+#: Local non-style edits of the named object (besides recolouring), pixel-wise or 3 x 3.
+TONES: tuple[str, ...] = ("grayscale", "negative", "blurry")
 
 #: Modules that define the trained base (the regionroute/ deps of the toy ``base`` stage).
 CODE_MODULES: tuple[str, ...] = (
@@ -56,10 +68,10 @@ CODE_MODULES: tuple[str, ...] = (
 class PromptTable:
     """Every instruction of the toy world, encoded once: T5 (P, L, D) and pooled CLIP (P, Dp)."""
 
-    def __init__(self, pipe: Any, objects: list[str], colours: list[str], styles: list[str], length: int) -> None:
+    def __init__(self, pipe: Any, objects: list[str], edits: list[str], styles: list[str], length: int) -> None:
         prompts = [f"make the image into {s} style" for s in styles]
         prompts += [f"make the {o} into {s} style" for o in objects for s in styles]
-        prompts += [f"make the {o} {c}" for o in objects for c in colours]
+        prompts += [f"make the {o} {c}" for o in objects for c in edits]
         self.prompts = prompts
         self.index = {p: i for i, p in enumerate(prompts)}
         with torch.no_grad():
@@ -73,6 +85,25 @@ class PromptTable:
         return self.embeds[idx], self.pooled[idx]
 
 
+def tone_edit(images: torch.Tensor, masks: torch.Tensor, tones: list[str]) -> torch.Tensor:
+    """Re-tone the masked pixels of each image (B, 3, H, W) by ``tones[b]``; pixels outside are bit-identical."""
+    import torch.nn.functional as F
+
+    out = images.clone()
+    for b, tone in enumerate(tones):
+        x = images[b : b + 1]
+        if tone == "grayscale":
+            y = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(x)
+        elif tone == "negative":
+            y = 1 - x
+        elif tone == "blurry":
+            y = F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
+        else:
+            raise ValueError(f"unknown tone {tone!r} (one of {', '.join(TONES)})")
+        out[b] = torch.where(masks[b].bool()[None], y[0], x[0])
+    return out
+
+
 def make_batch(rng: np.random.Generator, cfg: BaseConfig, n: int) -> dict[str, Any]:
     """``n`` scenes with an edit each: context and target images (n, 3, S, S) in [0, 1], prompts, tasks."""
     from regionroute.toy.filters import STYLES, apply_style, recolour
@@ -80,8 +111,9 @@ def make_batch(rng: np.random.Generator, cfg: BaseConfig, n: int) -> dict[str, A
 
     scenes = render_batch(rng, n, cfg.size)
     x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255  # (n, 3, S, S)
-    p_colour = 1.0 - cfg.p_global - cfg.p_object_style
-    tasks = rng.choice(3, size=n, p=[cfg.p_global, cfg.p_object_style, p_colour])  # 0 image, 1 object style, 2 colour
+    p_local = 1.0 - cfg.p_global - cfg.p_object_style
+    p_task = [cfg.p_global, cfg.p_object_style, p_local * (1 - cfg.p_tone), p_local * cfg.p_tone]
+    tasks = rng.choice(4, size=n, p=p_task)  # 0 image, 1 object style, 2 colour, 3 tone
     styles = rng.integers(len(STYLES), size=n)
     target = x.clone()
     prompts: list[str] = [""] * n
@@ -90,21 +122,29 @@ def make_batch(rng: np.random.Generator, cfg: BaseConfig, n: int) -> dict[str, A
         if idx.size:
             target[idx] = apply_style(x[idx], style)
     colour_names = list(COLOURS)
-    recol = np.flatnonzero(tasks == 2)
-    masks = torch.zeros(len(recol), cfg.size, cfg.size, dtype=torch.bool)
-    rgb = torch.zeros(len(recol), 3)
-    for j, i in enumerate(recol):
+    local = np.flatnonzero(tasks >= 2)
+    masks = torch.zeros(len(local), cfg.size, cfg.size, dtype=torch.bool)
+    rgb = torch.zeros(len(local), 3)
+    tones: list[str] = []
+    for j, i in enumerate(local):
         scene = scenes[i]
         k = int(rng.integers(len(scene.objects)))
         obj = scene.objects[k]
         same = [m for m, o in zip(scene.masks, scene.objects, strict=True) if o == obj]  # every instance named
         masks[j] = torch.from_numpy(np.any(same, axis=0))
-        choices = [c for c in colour_names if c != scene.colours[k]]
-        colour = choices[int(rng.integers(len(choices)))]
-        rgb[j] = torch.tensor(COLOURS[colour], dtype=torch.float32) / 255
-        prompts[i] = f"make the {obj} {colour}"
-    if recol.size:
-        target[recol] = recolour(x[recol], masks, rgb)
+        if tasks[i] == 2:
+            choices = [c for c in colour_names if c != scene.colours[k]]
+            edit = choices[int(rng.integers(len(choices)))]
+            rgb[j] = torch.tensor(COLOURS[edit], dtype=torch.float32) / 255
+        else:
+            edit = TONES[int(rng.integers(len(TONES)))]
+            tones.append(edit)
+        prompts[i] = f"make the {obj} {edit}"
+    recol, retone = tasks[local] == 2, tasks[local] == 3
+    if recol.any():
+        target[local[recol]] = recolour(x[local[recol]], masks[recol], rgb[recol])
+    if retone.any():
+        target[local[retone]] = tone_edit(x[local[retone]], masks[retone], tones)
     for i in np.flatnonzero(tasks < 2):
         style = STYLES[int(styles[i])]
         if tasks[i] == 0:
@@ -113,6 +153,9 @@ def make_batch(rng: np.random.Generator, cfg: BaseConfig, n: int) -> dict[str, A
             obj = scenes[i].objects[int(rng.integers(len(scenes[i].objects)))]
             prompts[i] = f"make the {obj} into {style} style"
     return {"context": x, "target": target, "prompts": prompts, "tasks": torch.from_numpy(tasks)}
+
+
+_TASKS = ("loss_image_style", "loss_object_style", "loss_colour", "loss_tone")  # per-task logs, by task code
 
 
 def encode_images(pipe: Any, images: torch.Tensor) -> torch.Tensor:
@@ -150,11 +193,16 @@ def pretrain(pipe: Any, cfg: BaseConfig, out_dir: Path, ckpt_dir: Path, live_dir
 
     prepare_resumable_dir(ckpt_dir, {"base": asdict(cfg), "code": code_digest(CODE_MODULES)})
     transformer = pipe.transformer
-    table = PromptTable(pipe, [c[1] for c in CATEGORIES], list(COLOURS), list(STYLES), cfg.max_sequence_length)
+    table = PromptTable(
+        pipe, [c[1] for c in CATEGORIES], list(COLOURS) + list(TONES), list(STYLES), cfg.max_sequence_length
+    )
     schedule = FlowSchedule(pipe.scheduler.config)
     grid = cfg.size // cfg.latent_factor  # unpacked latent side
     img_ids = kontext_image_ids((grid, grid), torch.device("cpu"), torch.float32)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if not cfg.pooled_text:  # zero since build_toy_kontext; frozen, so it stays zero
+        transformer.time_text_embed.text_embedder.requires_grad_(False)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
     ckpts = sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").is_file())
     start, sums = 0, {}
@@ -195,12 +243,12 @@ def pretrain(pipe: Any, cfg: BaseConfig, out_dir: Path, ckpt_dir: Path, live_dir
         if not torch.isfinite(loss):
             raise RuntimeError(f"toy base: non-finite loss at step {step + 1}")
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-        for t, name in enumerate(("loss_image_style", "loss_object_style", "loss_colour")):
+        for t, name in enumerate(_TASKS):
             sel = batch["tasks"] == t
             if bool(sel.any()):
                 sums[name] = sums.get(name, 0.0) + float(per[sel].mean())
@@ -209,7 +257,7 @@ def pretrain(pipe: Any, cfg: BaseConfig, out_dir: Path, ckpt_dir: Path, live_dir
         if done % cfg.log_every == 0 or done == cfg.steps:
             window = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
             last = {"loss": sums["loss"] / window, "lr": scheduler.get_last_lr()[0]}
-            for name in ("loss_image_style", "loss_object_style", "loss_colour"):
+            for name in _TASKS:
                 if sums.get(name + "_n"):
                     last[name] = sums[name] / sums[name + "_n"]
             if live is not None:
