@@ -47,6 +47,38 @@ def test_toy_pipeline_edits_at_its_own_size(saved):
     assert pipe.transformer.config.in_channels == 192 and pipe.transformer.config.num_layers == 2
 
 
+def test_pretraining_encodes_prompts_as_the_saved_pipeline_does(saved):
+    """Known answer: the prompt table pretraining learns from equals what inference feeds the
+    base (a fresh T5 in train mode would add dropout: 74% off before this was caught)."""
+    from regionroute.models.kontext import load_kontext
+    from regionroute.toy.pretrain import PromptTable
+
+    table = PromptTable(build_toy_kontext(SMALL), ["dog"], ["red"], ["cyberpunk"], 16)
+    pipe = load_kontext(ModelsConfig(kontext=str(saved), dtype="float32", device="cpu"))
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(prompt=table.prompts, prompt_2=None, max_sequence_length=16)
+    torch.testing.assert_close(embeds, table.embeds, rtol=0, atol=0)
+    torch.testing.assert_close(pooled, table.pooled, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mixing", [0.0, 1.0])
+def test_text_mixing_zero_keeps_each_t5_token_to_its_own_word(mixing):
+    import dataclasses
+
+    pipe = build_toy_kontext(dataclasses.replace(SMALL, text_mixing=mixing))
+    with torch.no_grad():
+        embeds = pipe.encode_prompt(
+            prompt=["make the image into cyberpunk style", "make the dog into expressionism style"],
+            prompt_2=None,
+            max_sequence_length=16,
+        )[0]
+    changed = (embeds[0] - embeds[1]).norm(dim=-1) > 1e-6  # per position
+    if mixing == 0.0:  # only the object word (2) and the style word (4) differ: padding carries no style
+        assert changed.nonzero().flatten().tolist() == [2, 4]
+    else:  # a random T5 spreads both words over every token
+        assert bool(changed.all())
+
+
 def test_rope_axes_and_config_validation():
     from regionroute.toy.base import _rope_axes
 

@@ -96,6 +96,8 @@ def build_tiny_kontext(seed: int = 0):  # -> FluxKontextPipeline
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
+    for module in (transformer, vae, clip, t5):  # as from_pretrained returns them: T5 dropout off
+        module.eval()
     return FluxKontextPipeline(
         scheduler=scheduler,
         vae=vae,

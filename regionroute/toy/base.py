@@ -12,6 +12,11 @@ Components (all diffusers / transformers classes except the latent):
   64 px -> 8 x 8 tokens of 192 channels);
 * ``text_encoder`` / ``text_encoder_2`` and their tokenizers: the tiny CLIP and T5 of
   :mod:`regionroute.tiny.kontext` (seeded, frozen: like Kontext's, they are not trained);
+  ``text_mixing`` scales the T5's self-attention output. A random T5 at full mixing
+  spreads every word over every output token (padding included); the toy base then read
+  the style mostly from the ``style``/EOS/padding tokens, not from the style word the
+  attention losses supervise (measured: docs/toy.md). A trained T5 keeps its tokens'
+  identity; ``text_mixing: 0`` makes each T5 token encode its own word only;
 * ``scheduler``: ``FlowMatchEulerDiscreteScheduler`` with Flux's dynamic shifting.
 
 The hidden size must exceed the token width: a hidden of 128 (4 x 32) on 192-channel
@@ -58,6 +63,7 @@ class BaseConfig(_Section):
     # the rest: local edits of the named object only (grounds object words), of which
     p_tone: float = 0.0  # "make the {object} {tone}" (grayscale, negative, blurry), the others "... {colour}"
     pooled_text: bool = True  # False: the pooled CLIP path (AdaLN) is zero and frozen: instructions via T5 only
+    text_mixing: float = 1.0  # scale of the T5's self-attention output: 0 = each token encodes its own word only
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 50
@@ -72,6 +78,8 @@ class BaseConfig(_Section):
             self._fail("attention_head_dim", f"must be a multiple of 4 (RoPE axes), got {self.attention_head_dim}")
         if not 0 <= self.p_global + self.p_object_style <= 1:
             self._fail("p_object_style", "p_global + p_object_style must be in [0, 1]")
+        if not 0 <= self.text_mixing <= 1:
+            self._fail("text_mixing", f"must be in [0, 1], got {self.text_mixing}")
         if not 0 <= self.p_tone <= 1:
             self._fail("p_tone", f"must be in [0, 1], got {self.p_tone}")
         lo, hi = self.guidance_range
@@ -104,6 +112,10 @@ def build_toy_kontext(cfg: BaseConfig, seed: int = 0) -> Any:  # -> FluxKontextP
     from regionroute.toy.latent import PixelShuffleVAE
 
     tiny = build_tiny_kontext(seed)  # text encoders, tokenizers, scheduler: the tiny ones
+    if cfg.text_mixing != 1.0:  # attention is the T5's only cross-token operation
+        with torch.no_grad():
+            for block in tiny.text_encoder_2.encoder.block:
+                block.layer[0].SelfAttention.o.weight.mul_(cfg.text_mixing)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = FluxTransformer2DModel(
@@ -127,6 +139,7 @@ def build_toy_kontext(cfg: BaseConfig, seed: int = 0) -> Any:  # -> FluxKontextP
     vae = PixelShuffleVAE(
         block_out_channels=(cfg.latent_channels,) * levels, latent_channels=cfg.latent_channels, scaling_factor=2.0
     )
+    transformer.eval()  # as from_pretrained returns it (pretraining switches it to train mode)
     return FluxKontextPipeline(
         scheduler=tiny.scheduler,
         vae=vae,

@@ -19,10 +19,11 @@ edits, which make the paper's premise true by construction:
 
 With ``pooled_text: false`` the pooled CLIP projection (``time_text_embed.text_embedder``)
 is zero and frozen: the instruction reaches the base only through the T5 tokens in
-attention, as real Kontext reads it (its pooled CLIP vector is one global modulation of
-every token). With the pooled path, the 7 M base learned to read the style from that
-global vector, which no attention-based fine-tuning can confine to a region (measured:
-docs/toy.md).
+attention (its pooled CLIP vector is one global modulation of every token). With the
+pooled path, the 7 M base read the style from that global vector, where attention
+supervision has little to steer (measured: docs/toy.md). With ``text_mixing: 0``
+(:mod:`regionroute.toy.base`) the style can only be read from the style word's own
+T5 tokens, the ones the Focus and Cover losses supervise.
 
 The style filters are used here only; the main pipeline never calls them (its pseudo-GT
 comes from the base's own global stylization, as the paper's comes from Kontext's).
@@ -89,18 +90,22 @@ def tone_edit(images: torch.Tensor, masks: torch.Tensor, tones: list[str]) -> to
     """Re-tone the masked pixels of each image (B, 3, H, W) by ``tones[b]``; pixels outside are bit-identical."""
     import torch.nn.functional as F
 
+    from regionroute.toy.filters import _luma
+
+    unknown = sorted(set(tones) - set(TONES))
+    if unknown:
+        raise ValueError(f"unknown tone {unknown[0]!r} (one of {', '.join(TONES)})")
     out = images.clone()
-    for b, tone in enumerate(tones):
-        x = images[b : b + 1]
+    for tone in sorted(set(tones)):  # one call per tone, as make_batch does per style
+        idx = torch.tensor([b for b, t in enumerate(tones) if t == tone])
+        x = images[idx]
         if tone == "grayscale":
-            y = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(x)
+            y = _luma(x).expand_as(x)
         elif tone == "negative":
             y = 1 - x
-        elif tone == "blurry":
+        else:  # blurry
             y = F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
-        else:
-            raise ValueError(f"unknown tone {tone!r} (one of {', '.join(TONES)})")
-        out[b] = torch.where(masks[b].bool()[None], y[0], x[0])
+        out[idx] = torch.where(masks[idx].bool()[:, None], y, x)
     return out
 
 
