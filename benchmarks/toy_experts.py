@@ -12,6 +12,10 @@ Run after ``dvc repro`` on the toy default (it reads ``models/regionroute``,
   expert matches better inside the object only because it leaves the style everywhere).
 * ``judge``: the toy CLIP judge's top class (the four styles or ``plain``) for each
   method's object region in ``data/infer``, per requested style.
+* ``t5_tokens``: which T5 tokens carry the style: the base edits with the features of one
+  style's instruction except at the style word (taken from another style's), and the
+  reverse. A random T5 at full mixing spreads the word over every token (padding
+  included); with ``text_mixing: 0`` only the style word's own tokens carry it.
 * ``pathway``: where the base reads the style from. FLUX feeds the prompt twice: T5
   tokens through attention, and CLIP's pooled embedding through the timestep embedding
   into every block's AdaLN modulation (the same shift/scale for every token: global by
@@ -50,6 +54,11 @@ def _errors(outs: list[np.ndarray], rows: list[dict[str, Any]], root: Path) -> d
         fg.append(float(d[m].mean()))
         bg.append(float(d[~m].mean()))
     return {"mse_fg": round(float(np.mean(fg)), 5), "mse_bg": round(float(np.mean(bg)), 5)}
+
+
+def _mean_mse(outs: list[np.ndarray], ref: list[np.ndarray]) -> float:
+    """Mean over images of the whole-image MSE, images in [0, 1]."""
+    return round(float(np.mean([((o / 255.0 - g / 255.0) ** 2).mean() for o, g in zip(outs, ref, strict=True)])), 5)
 
 
 def _edit(pipe: Any, moe: Any, expert: str, rows: list[dict[str, Any]], root: Path, cfg: InferConfig) -> list:
@@ -106,17 +115,50 @@ def _pathway(pipe: Any, data: Path, params: Path, pairs: int, styles: tuple[str,
         )
         return embeds, pooled
 
-    def mse(outs: list[np.ndarray], ref: list[np.ndarray]) -> float:
-        return round(float(np.mean([((o / 255.0 - g / 255.0) ** 2).mean() for o, g in zip(outs, ref, strict=True)])), 5)
-
     a, b = styles[1], styles[-1]
     for t5, pooled in ((a, a), (a, b), (b, a), (a, None)):
         embeds = encode(st.instruction.format(style=t5))[0]
         pooled_embeds = encode(st.instruction.format(style=pooled) if pooled else "make the image")[1]
         outs = kontext_edit(pipe, images, [""] * len(rows), seeds, st.steps, st.guidance, st.max_sequence_length,
                             embeds=(embeds, pooled_embeds))  # fmt: skip
+        mse = {s: _mean_mse(outs, refs[s]) for s in styles}
         print(json.dumps({"diagnostic": "pathway", "t5_style": t5, "pooled_style": pooled, "n": len(rows),
-                          "mse_to_stylization": {s: mse(outs, refs[s]) for s in styles}}), flush=True)  # fmt: skip
+                          "mse_to_stylization": mse}), flush=True)  # fmt: skip
+
+
+def _tokens(pipe: Any, data: Path, params: Path, pairs: int) -> None:
+    """Which T5 tokens carry the style: the style word's or the rest (padding included)."""
+    from regionroute.config import StylizeConfig
+    from regionroute.flux.pipeline import kontext_edit
+
+    st = load_section(params, "stylize", StylizeConfig)
+    root = data / "pseudo_gt" / "eval"
+    a, b = "cyberpunk", "expressionism"  # one T5 token each, at the same position
+    rows = [r for r in read_jsonl(root / "records.jsonl") if r["style"] == a][:pairs]
+    images = [read_image(root / r["original"]) for r in rows]
+    seeds = [st.seed + int(r["image_id"]) for r in rows]
+    refs = {s: [read_image(data / "stylized" / s / "eval" / "images" / f"{r['sample_id']}.png") for r in rows]
+            for s in (a, b)}  # fmt: skip
+    with torch.no_grad():
+        ea, pooled, _ = pipe.encode_prompt(prompt=[st.instruction.format(style=a)] * len(rows), prompt_2=None,
+                                           max_sequence_length=st.max_sequence_length)  # fmt: skip
+        eb = pipe.encode_prompt(prompt=[st.instruction.format(style=b)] * len(rows), prompt_2=None,
+                                max_sequence_length=st.max_sequence_length)[0]  # fmt: skip
+    ids = pipe.tokenizer_2(st.instruction.format(style=a)).input_ids
+    word = ids.index(pipe.tokenizer_2(a, add_special_tokens=False).input_ids[0])
+    differ = (ea[0] - eb[0]).norm(dim=-1) / ea[0].norm(dim=-1)
+    print(json.dumps({"diagnostic": "t5_tokens", "styles": [a, b], "style_position": word,
+                      "relative_difference": [round(float(v), 3) for v in differ]}), flush=True)  # fmt: skip
+    swapped = ea.clone()
+    swapped[:, word] = eb[:, word]
+    rest = eb.clone()
+    rest[:, word] = ea[:, word]
+    for name, embeds in (("all_tokens", ea), ("style_word_only", swapped), ("all_but_style_word", rest)):
+        outs = kontext_edit(pipe, images, [""] * len(rows), seeds, st.steps, st.guidance, st.max_sequence_length,
+                            embeds=(embeds, pooled))  # fmt: skip
+        mse = {s: _mean_mse(outs, refs[s]) for s in (a, b)}
+        print(json.dumps({"diagnostic": "t5_tokens", "from_" + b: name, "n": len(rows), "mse_to_stylization": mse}),
+              flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -136,6 +178,7 @@ def main() -> None:
     cfg = resolve_text_length(load_section(args.params, "infer", InferConfig), length)
     pipe = load_kontext(models)
     _pathway(pipe, args.data, args.params, args.pairs, STYLES)  # the base alone, before the experts go in
+    _tokens(pipe, args.data, args.params, args.pairs)
     moe = load_moe(pipe.transformer, args.model / "moe")
     styles = tuple(s for s in STYLES if s in moe.experts)
     for split in ("train", "eval"):
