@@ -213,9 +213,11 @@ class LossConfig(_Section):
     tau: float = 0.1
     cover_map: Literal["minmax", "official_logits"] = "minmax"
     alpha: float = 2.0
+    # flow-loss weight of the object's tokens (soft mask coverage); 1.0 = the paper's unweighted loss
+    object_weight: float = 1.0
 
     def _validate(self) -> None:
-        self._at_least(0, "focus_weight", "cover_weight")
+        self._at_least(0, "focus_weight", "cover_weight", "object_weight")
         if self.tau <= 0:
             self._fail("tau", f"must be > 0, got {self.tau}")
         if self.normalize == "style_tokens" and self.direction != "image_to_text":

@@ -91,7 +91,11 @@ class Objective:
             maps = self.recorder.maps()  # (B, N) float32
         else:
             pred = self.model(**route, **kwargs)[0][:, :n]
-        flow = flow_loss(pred, x0, noise, self.schedule.loss_weight(sigma.view(-1, 1, 1)))
+        weight = self.schedule.loss_weight(sigma.view(-1, 1, 1))
+        if self.loss_cfg.object_weight != 1.0:  # not the paper's: the object's tokens count more
+            cover = c.mask_grid[idx].to(dev).flatten(1).unsqueeze(-1)  # (B, N, 1) in [0, 1]
+            weight = weight * (1 + (self.loss_cfg.object_weight - 1) * cover)
+        flow = flow_loss(pred, x0, noise, weight)
         terms = {"flow": flow, "balance": self.moe.balance_loss(batch_mean=self._global_mean)}
         total = flow + self.balance_weight * terms["balance"]
         if self.supervise:

@@ -209,3 +209,33 @@ def test_paper_training_path_bf16_checkpointing_accumulation(encoded, tmp_path, 
     assert all(np.isfinite(v) for v in summary.values()), summary
     assert checked and all(dtype == torch.float32 for dtype, _ in checked)
     assert max(err for _, err in checked) < 1e-4, max(err for _, err in checked)
+
+
+@pytest.mark.parametrize("object_weight", [0.0, 3.0])
+def test_object_weight_scales_the_flow_loss_of_the_masks_tokens(encoded, object_weight):
+    """Known answer: the flow loss with the object's tokens weighted by hand-made coverage."""
+    from regionroute.flux.flow import kontext_image_ids, noisy, transformer_inputs
+    from regionroute.lora_moe import RoutedTransformer, inject_lora_moe
+    from regionroute.objective import Objective
+
+    _, cache = encoded
+    pipe = _pipe()
+    moe = inject_lora_moe(pipe.transformer, LORA, STYLES)
+    model = RoutedTransformer(moe)
+    loss = dataclasses.replace(LOSS, focus_weight=0.0, cover_weight=0.0)
+    draw = Objective(pipe, model, moe, None, cache, CFG, loss, 0.0).draw(torch.Generator().manual_seed(0), 2)
+    flows = {w: Objective(pipe, model, moe, None, cache, CFG, dataclasses.replace(loss, object_weight=w), 0.0)(draw)
+             for w in (1.0, object_weight)}  # fmt: skip
+    idx, c = draw["idx"], cache
+    x0, noise, sigma = c.x0[idx], draw["noise"], draw["sigma"]
+    ids = kontext_image_ids(c.latent_hw, torch.device("cpu"), torch.float32)
+    kwargs = transformer_inputs(noisy(x0, noise, sigma), c.context[idx], sigma, c.prompt_embeds[idx], c.pooled[idx],
+                                ids, CFG.guidance, torch.float32)  # fmt: skip
+    with torch.no_grad():
+        pred = model(style_ids=c.style_ids[idx], pooled=c.pooled[idx], **kwargs)[0][:, : x0.shape[1]]
+    err = ((pred - (noise - x0)) ** 2).mean(-1)  # (B, N); the default weighting_scheme "none" weighs 1
+    cover = c.mask_grid[idx].flatten(1)
+    assert 0 < float(cover.mean()) < 1  # the hand-made masks cover some tokens, not all
+    torch.testing.assert_close(flows[1.0]["flow"].detach(), err.mean())
+    expected = (err * (1 + (object_weight - 1) * cover)).mean()
+    torch.testing.assert_close(flows[object_weight]["flow"].detach(), expected)
