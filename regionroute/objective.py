@@ -93,8 +93,8 @@ class Objective:
             pred = self.model(**route, **kwargs)[0][:, :n]
         weight = self.schedule.loss_weight(sigma.view(-1, 1, 1))
         if self.loss_cfg.object_weight != 1.0:  # not the paper's: the object's tokens count more
-            cover = c.mask_grid[idx].to(dev).flatten(1).unsqueeze(-1)  # (B, N, 1) in [0, 1]
-            weight = weight * (1 + (self.loss_cfg.object_weight - 1) * cover)
+            coverage = c.mask_grid[idx].to(dev).flatten(1).unsqueeze(-1)  # (B, N, 1) in [0, 1]
+            weight = weight * (1 + (self.loss_cfg.object_weight - 1) * coverage)
         flow = flow_loss(pred, x0, noise, weight)
         terms = {"flow": flow, "balance": self.moe.balance_loss(batch_mean=self._global_mean)}
         total = flow + self.balance_weight * terms["balance"]
