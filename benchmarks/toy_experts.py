@@ -97,17 +97,25 @@ def _judge(data: Path, params: Path, styles: tuple[str, ...]) -> None:
                               "top_class": dict(top.most_common())}), flush=True)  # fmt: skip
 
 
-def _pathway(pipe: Any, data: Path, params: Path, pairs: int, styles: tuple[str, ...]) -> None:
+def _stylize_setup(data: Path, params: Path, style: str, pairs: int, ref_styles: tuple[str, ...]) -> tuple:
+    """The ``stylize`` stage's settings, the first ``pairs`` held-out rows of ``style``, their
+    source images and stylize seeds, and each of ``ref_styles``' stylization of those images."""
     from regionroute.config import StylizeConfig
-    from regionroute.flux.pipeline import kontext_edit
 
     st = load_section(params, "stylize", StylizeConfig)  # the stylize stage's own settings and seeds
     root = data / "pseudo_gt" / "eval"
-    rows = [r for r in read_jsonl(root / "records.jsonl") if r["style"] == styles[0]][:pairs]
+    rows = [r for r in read_jsonl(root / "records.jsonl") if r["style"] == style][:pairs]
     images = [read_image(root / r["original"]) for r in rows]
     seeds = [st.seed + int(r["image_id"]) for r in rows]
     refs = {s: [read_image(data / "stylized" / s / "eval" / "images" / f"{r['sample_id']}.png") for r in rows]
-            for s in styles}  # fmt: skip
+            for s in ref_styles}  # fmt: skip
+    return st, rows, images, seeds, refs
+
+
+def _pathway(pipe: Any, data: Path, params: Path, pairs: int, styles: tuple[str, ...]) -> None:
+    from regionroute.flux.pipeline import kontext_edit
+
+    st, rows, images, seeds, refs = _stylize_setup(data, params, styles[0], pairs, styles)
 
     def encode(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, pooled, _ = pipe.encode_prompt(
@@ -128,17 +136,10 @@ def _pathway(pipe: Any, data: Path, params: Path, pairs: int, styles: tuple[str,
 
 def _tokens(pipe: Any, data: Path, params: Path, pairs: int) -> None:
     """Which T5 tokens carry the style: the style word's or the rest (padding included)."""
-    from regionroute.config import StylizeConfig
     from regionroute.flux.pipeline import kontext_edit
 
-    st = load_section(params, "stylize", StylizeConfig)
-    root = data / "pseudo_gt" / "eval"
     a, b = "cyberpunk", "expressionism"  # one T5 token each, at the same position
-    rows = [r for r in read_jsonl(root / "records.jsonl") if r["style"] == a][:pairs]
-    images = [read_image(root / r["original"]) for r in rows]
-    seeds = [st.seed + int(r["image_id"]) for r in rows]
-    refs = {s: [read_image(data / "stylized" / s / "eval" / "images" / f"{r['sample_id']}.png") for r in rows]
-            for s in (a, b)}  # fmt: skip
+    st, rows, images, seeds, refs = _stylize_setup(data, params, a, pairs, (a, b))
     with torch.no_grad():
         ea, pooled, _ = pipe.encode_prompt(prompt=[st.instruction.format(style=a)] * len(rows), prompt_2=None,
                                            max_sequence_length=st.max_sequence_length)  # fmt: skip
