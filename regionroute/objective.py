@@ -94,7 +94,8 @@ class Objective:
         weight = self.schedule.loss_weight(sigma.view(-1, 1, 1))
         if self.loss_cfg.object_weight != 1.0:  # not the paper's: the object's tokens count more
             coverage = c.mask_grid[idx].to(dev).flatten(1).unsqueeze(-1)  # (B, N, 1) in [0, 1]
-            weight = weight * (1 + (self.loss_cfg.object_weight - 1) * coverage)
+            tokens = 1 + (self.loss_cfg.object_weight - 1) * coverage
+            weight = weight * tokens / tokens.mean(1, keepdim=True).clamp_min(1e-8)  # mean 1 per sample (0 if all 0)
         flow = flow_loss(pred, x0, noise, weight)
         terms = {"flow": flow, "balance": self.moe.balance_loss(batch_mean=self._global_mean)}
         total = flow + self.balance_weight * terms["balance"]

@@ -237,5 +237,6 @@ def test_object_weight_scales_the_flow_loss_of_the_masks_tokens(encoded, object_
     cover = c.mask_grid[idx].flatten(1)
     assert 0 < float(cover.mean()) < 1  # the hand-made masks cover some tokens, not all
     torch.testing.assert_close(flows[1.0]["flow"].detach(), err.mean())
-    expected = (err * (1 + (object_weight - 1) * cover)).mean()
+    tokens = 1 + (object_weight - 1) * cover  # then scaled to mean 1 per sample
+    expected = (err * tokens / tokens.mean(1, keepdim=True)).mean()
     torch.testing.assert_close(flows[object_weight]["flow"].detach(), expected)
