@@ -4,8 +4,9 @@ Run after ``dvc repro`` on the toy default (it reads ``models/regionroute``,
 ``data/pseudo_gt/{train,eval}`` and ``data/infer/*``):
 
 * ``fit``: the trained experts on training pairs vs held-out pairs, MSE to the pseudo-GT
-  inside and outside the mask. Equal errors: the experts do not fit their own training
-  pairs any better (a fitting limit, not overfitting).
+  inside and outside the mask, and the toy judge's RSM-text of the object region for
+  RegionRoute and for the base on the same pairs and noise. Equal errors (and ratios): the
+  experts do not fit their own training pairs any better (a fitting limit, not overfitting).
 * ``swap``: each requested style edited through each expert (merged by name, as ``infer``
   does). Tells a routing bug (another expert matching the request's pseudo-GT better on
   BOTH sides of the mask) from experts that learned to suppress their style (a foreign
@@ -24,6 +25,7 @@ Run after ``dvc repro`` on the toy default (it reads ``models/regionroute``,
   stage) says which one it followed.
 
     python benchmarks/toy_experts.py --pairs 16 > benchmarks/toy_experts.jsonl   # one JSON line per measurement
+    python benchmarks/toy_experts.py --only fit --pairs 32                        # one diagnostic
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from regionroute.infer import pair_seed, resolve_text_length
 from regionroute.io import read_image, read_jsonl, read_mask
 
 STYLES = ("pixel-art", "cyberpunk", "expressionism", "line-art")
+DIAGNOSTICS = ("pathway", "t5_tokens", "fit", "swap", "judge")
 
 
 def _errors(outs: list[np.ndarray], rows: list[dict[str, Any]], root: Path) -> dict[str, float]:
@@ -61,12 +64,23 @@ def _mean_mse(outs: list[np.ndarray], ref: list[np.ndarray]) -> float:
     return round(float(np.mean([((o / 255.0 - g / 255.0) ** 2).mean() for o, g in zip(outs, ref, strict=True)])), 5)
 
 
-def _edit(pipe: Any, moe: Any, expert: str, rows: list[dict[str, Any]], root: Path, cfg: InferConfig) -> list:
+def _rsm_text(scorer: Any, outs: list[np.ndarray], rows: list[dict[str, Any]], root: Path) -> float:
+    """Mean toy-judge cosine of the object region with the requested style's text (the score stage's RSM-text)."""
+    with torch.no_grad():
+        emb = scorer.region_embeddings(outs, [read_mask(root / r["mask"]) for r in rows])  # (N, D)
+    texts = torch.stack([scorer.text_embedding(r["style"]) for r in rows])  # (N, D)
+    return round(float((emb * texts).sum(-1).nanmean()), 4)
+
+
+def _edit(pipe: Any, moe: Any, expert: str | None, rows: list[dict[str, Any]], root: Path, cfg: InferConfig) -> list:
+    """``infer``'s edit of ``rows`` (its prompts and per-pair noise) through ``expert`` merged; None: the base."""
     from regionroute.flux.pipeline import kontext_edit
 
     images = [read_image(root / r["original"]) for r in rows]
     prompts = [cfg.instruction.format(object=r["object"], style=r["style"]) for r in rows]
     seeds = [pair_seed(cfg.seed, r["image_id"]) for r in rows]
+    if expert is None:
+        return kontext_edit(pipe, images, prompts, seeds, cfg.steps, cfg.guidance, cfg.max_sequence_length)
     moe.merge(expert)
     try:
         return kontext_edit(pipe, images, prompts, seeds, cfg.steps, cfg.guidance, cfg.max_sequence_length)
@@ -74,12 +88,17 @@ def _edit(pipe: Any, moe: Any, expert: str, rows: list[dict[str, Any]], root: Pa
         moe.unmerge()
 
 
-def _judge(data: Path, params: Path, styles: tuple[str, ...]) -> None:
+def _scorer(params: Path) -> Any:
+    """The score stage's toy CLIP judge (LPIPS not needed: the tiny random one)."""
     from regionroute.config import ScoreConfig
     from regionroute.metrics.rses import RSESScorer
 
     score = load_section(params, "score", ScoreConfig)
-    scorer = RSESScorer(score.clip, "tiny", device="cpu", dilate=score.dilate, template=score.template)
+    return RSESScorer(score.clip, "tiny", device="cpu", dilate=score.dilate, template=score.template)
+
+
+def _judge(data: Path, params: Path, styles: tuple[str, ...]) -> None:
+    scorer = _scorer(params)
     classes = [*styles, "plain"]
     texts = [scorer.text_embedding(s) for s in styles]
     plain = scorer.clip.encode_text(scorer.tokenizer(["plain"]), normalize=True)[0].float()
@@ -162,6 +181,15 @@ def _tokens(pipe: Any, data: Path, params: Path, pairs: int) -> None:
               flush=True)  # fmt: skip
 
 
+def _fit_rows(data: Path, styles: tuple[str, ...], pairs: int) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """The first ``pairs`` rows of each style in each split: (split, style) -> rows."""
+    out = {}
+    for split in ("train", "eval"):
+        rows = read_jsonl(data / "pseudo_gt" / split / "records.jsonl")
+        out.update({(split, s): [r for r in rows if r["style"] == s][:pairs] for s in styles})
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -169,6 +197,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=Path("data"))
     p.add_argument("--pairs", type=int, default=16, help="pairs per style and split")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--only", choices=DIAGNOSTICS, nargs="+", default=list(DIAGNOSTICS), help="diagnostics to run")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from regionroute.lora_moe import load_moe
@@ -178,26 +207,38 @@ def main() -> None:
     length = load_section(args.params, "train", TrainConfig).max_sequence_length
     cfg = resolve_text_length(load_section(args.params, "infer", InferConfig), length)
     pipe = load_kontext(models)
-    _pathway(pipe, args.data, args.params, args.pairs, STYLES)  # the base alone, before the experts go in
-    _tokens(pipe, args.data, args.params, args.pairs)
+    if "pathway" in args.only:
+        _pathway(pipe, args.data, args.params, args.pairs, STYLES)  # the base alone, before the experts go in
+    if "t5_tokens" in args.only:
+        _tokens(pipe, args.data, args.params, args.pairs)
+    fit = _fit_rows(args.data, STYLES, args.pairs) if "fit" in args.only else {}
+    base = {key: _edit(pipe, None, None, rows, args.data / "pseudo_gt" / key[0], cfg) for key, rows in fit.items()}
     moe = load_moe(pipe.transformer, args.model / "moe")
     styles = tuple(s for s in STYLES if s in moe.experts)
-    for split in ("train", "eval"):
+    scorer = _scorer(args.params) if fit else None
+    for (split, style), mine in fit.items():
+        if style not in styles:
+            continue
         root = args.data / "pseudo_gt" / split
-        rows = read_jsonl(root / "records.jsonl")
-        for style in styles:
-            mine = [r for r in rows if r["style"] == style][: args.pairs]
-            errs = _errors(_edit(pipe, moe, style, mine, root, cfg), mine, root)
-            print(json.dumps({"diagnostic": "fit", "split": split, "style": style, "n": len(mine), **errs}), flush=True)
+        outs = _edit(pipe, moe, style, mine, root, cfg)
+        rsm = {
+            "rsm_text": _rsm_text(scorer, outs, mine, root),
+            "rsm_text_base": _rsm_text(scorer, base[split, style], mine, root),
+        }
+        errs = _errors(outs, mine, root)
+        print(
+            json.dumps({"diagnostic": "fit", "split": split, "style": style, "n": len(mine), **errs, **rsm}), flush=True
+        )
     root = args.data / "pseudo_gt" / "eval"
     rows = read_jsonl(root / "records.jsonl")
-    for style in styles:
+    for style in styles if "swap" in args.only else ():
         mine = [r for r in rows if r["style"] == style][: args.pairs]
         for expert in styles:
             errs = _errors(_edit(pipe, moe, expert, mine, root, cfg), mine, root)
             print(json.dumps({"diagnostic": "swap", "request": style, "expert": expert, "n": len(mine), **errs}),
                   flush=True)  # fmt: skip
-    _judge(args.data, args.params, styles)
+    if "judge" in args.only:
+        _judge(args.data, args.params, styles)
 
 
 if __name__ == "__main__":
