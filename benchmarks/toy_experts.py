@@ -13,6 +13,8 @@ Run after ``dvc repro`` on the toy default (it reads ``models/regionroute``,
   expert matches better inside the object only because it leaves the style everywhere).
 * ``judge``: the toy CLIP judge's top class (the four styles or ``plain``) for each
   method's object region in ``data/infer``, per requested style.
+* ``erosion``: each method's RSM-text in ``data/infer`` with the object's mask eroded by
+  0-3 px: where in the object the style is missing (its 8 px border tokens or throughout).
 * ``t5_tokens``: which T5 tokens carry the style: the base edits with the features of one
   style's instruction except at the style word (taken from another style's), and the
   reverse. A random T5 at full mixing spreads the word over every token (padding
@@ -26,6 +28,7 @@ Run after ``dvc repro`` on the toy default (it reads ``models/regionroute``,
 
     python benchmarks/toy_experts.py --pairs 16 > benchmarks/toy_experts.jsonl   # one JSON line per measurement
     python benchmarks/toy_experts.py --only fit --pairs 32                        # one diagnostic
+    python benchmarks/toy_experts.py --only erosion
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from regionroute.infer import pair_seed, resolve_text_length
 from regionroute.io import read_image, read_jsonl, read_mask
 
 STYLES = ("pixel-art", "cyberpunk", "expressionism", "line-art")
-DIAGNOSTICS = ("pathway", "t5_tokens", "fit", "swap", "judge")
+DIAGNOSTICS = ("pathway", "t5_tokens", "fit", "swap", "judge", "erosion")
 
 
 def _errors(outs: list[np.ndarray], rows: list[dict[str, Any]], root: Path) -> dict[str, float]:
@@ -64,10 +67,14 @@ def _mean_mse(outs: list[np.ndarray], ref: list[np.ndarray]) -> float:
     return round(float(np.mean([((o / 255.0 - g / 255.0) ** 2).mean() for o, g in zip(outs, ref, strict=True)])), 5)
 
 
-def _rsm_text(scorer: Any, outs: list[np.ndarray], rows: list[dict[str, Any]], root: Path) -> float:
-    """Mean toy-judge cosine of the object region with the requested style's text (the score stage's RSM-text)."""
+def _rsm_text(
+    scorer: Any, outs: list[np.ndarray], rows: list[dict[str, Any]], root: Path, masks: list | None = None
+) -> float:
+    """Mean toy-judge cosine of the object region (``masks``, default the rows' own) with the requested
+    style's text: the score stage's RSM-text."""
+    masks = [read_mask(root / r["mask"]) for r in rows] if masks is None else masks
     with torch.no_grad():
-        emb = scorer.region_embeddings(outs, [read_mask(root / r["mask"]) for r in rows])  # (N, D)
+        emb = scorer.region_embeddings(outs, masks)  # (N, D)
     texts = torch.stack([scorer.text_embedding(r["style"]) for r in rows])  # (N, D)
     return round(float((emb * texts).sum(-1).nanmean()), 4)
 
@@ -114,6 +121,27 @@ def _judge(data: Path, params: Path, styles: tuple[str, ...]) -> None:
             top = Counter(classes[int(i)] for i in (emb @ table.T).argmax(1))
             print(json.dumps({"diagnostic": "judge", "method": method, "request": style, "n": len(mine),
                               "top_class": dict(top.most_common())}), flush=True)  # fmt: skip
+
+
+def _erosion(data: Path, params: Path, steps: tuple[int, ...] = (0, 1, 2, 3)) -> None:
+    """RSM-text of each method's edits in ``data/infer`` with the masks eroded by ``steps`` pixels
+    (Euclidean, as the score stage dilates; objects that erosion empties are left out: ``n`` counts the rest)."""
+    from scipy.ndimage import distance_transform_edt
+
+    scorer = _scorer(params)
+    root = data / "pseudo_gt" / "eval"
+    rows = read_jsonl(root / "records.jsonl")
+    masks = [read_mask(root / r["mask"]) for r in rows]
+    for px in steps:
+        eroded = [distance_transform_edt(m) > px for m in masks]  # farther than px from the background
+        kept = [i for i, m in enumerate(eroded) if m.any()]
+        rsm = {}
+        for method in ("kontext", "regionroute", "oracle"):
+            images = [read_image(data / "infer" / method / "images" / f"{rows[i]['id']}.png") for i in kept]
+            rsm[method] = _rsm_text(scorer, images, [rows[i] for i in kept], root, [eroded[i] for i in kept])
+        ratio = round(rsm["regionroute"] / rsm["kontext"], 3)
+        print(json.dumps({"diagnostic": "erosion", "pixels": px, "n": len(kept), "rsm_text": rsm,
+                          "regionroute_over_base": ratio}), flush=True)  # fmt: skip
 
 
 def _stylize_setup(data: Path, params: Path, style: str, pairs: int, ref_styles: tuple[str, ...]) -> tuple:
@@ -239,6 +267,8 @@ def main() -> None:
                   flush=True)  # fmt: skip
     if "judge" in args.only:
         _judge(args.data, args.params, styles)
+    if "erosion" in args.only:
+        _erosion(args.data, args.params)
 
 
 if __name__ == "__main__":
