@@ -70,13 +70,12 @@ def _mean_mse(outs: list[np.ndarray], ref: list[np.ndarray]) -> float:
 def _rsm_text(
     scorer: Any, outs: list[np.ndarray], rows: list[dict[str, Any]], root: Path, masks: list | None = None
 ) -> float:
-    """Mean toy-judge cosine of the object region (``masks``, default the rows' own) with the requested
-    style's text: the score stage's RSM-text."""
+    """Mean RSM-text of ``outs`` over the object regions (``masks``, default the rows' own), scored by the
+    score stage's own ``RSESScorer.score``."""
     masks = [read_mask(root / r["mask"]) for r in rows] if masks is None else masks
-    with torch.no_grad():
-        emb = scorer.region_embeddings(outs, masks)  # (N, D)
-    texts = torch.stack([scorer.text_embedding(r["style"]) for r in rows])  # (N, D)
-    return round(float((emb * texts).sum(-1).nanmean()), 4)
+    sources = [read_image(root / r["original"]) for r in rows]
+    frame = scorer.score(outs, sources, masks, [r["style"] for r in rows])
+    return round(float(frame["rsm_text"].mean()), 4)
 
 
 def _edit(pipe: Any, moe: Any, expert: str | None, rows: list[dict[str, Any]], root: Path, cfg: InferConfig) -> list:
@@ -86,17 +85,17 @@ def _edit(pipe: Any, moe: Any, expert: str | None, rows: list[dict[str, Any]], r
     images = [read_image(root / r["original"]) for r in rows]
     prompts = [cfg.instruction.format(object=r["object"], style=r["style"]) for r in rows]
     seeds = [pair_seed(cfg.seed, r["image_id"]) for r in rows]
-    if expert is None:
-        return kontext_edit(pipe, images, prompts, seeds, cfg.steps, cfg.guidance, cfg.max_sequence_length)
-    moe.merge(expert)
+    if expert is not None:
+        moe.merge(expert)
     try:
         return kontext_edit(pipe, images, prompts, seeds, cfg.steps, cfg.guidance, cfg.max_sequence_length)
     finally:
-        moe.unmerge()
+        if expert is not None:
+            moe.unmerge()
 
 
 def _scorer(params: Path) -> Any:
-    """The score stage's toy CLIP judge (LPIPS not needed: the tiny random one)."""
+    """The score stage's scorer with its toy CLIP judge (LPIPS is the tiny random one: only RSM-text is read)."""
     from regionroute.config import ScoreConfig
     from regionroute.metrics.rses import RSESScorer
 
@@ -104,8 +103,7 @@ def _scorer(params: Path) -> Any:
     return RSESScorer(score.clip, "tiny", device="cpu", dilate=score.dilate, template=score.template)
 
 
-def _judge(data: Path, params: Path, styles: tuple[str, ...]) -> None:
-    scorer = _scorer(params)
+def _judge(scorer: Any, data: Path, styles: tuple[str, ...]) -> None:
     classes = [*styles, "plain"]
     texts = [scorer.text_embedding(s) for s in styles]
     plain = scorer.clip.encode_text(scorer.tokenizer(["plain"]), normalize=True)[0].float()
@@ -123,12 +121,11 @@ def _judge(data: Path, params: Path, styles: tuple[str, ...]) -> None:
                               "top_class": dict(top.most_common())}), flush=True)  # fmt: skip
 
 
-def _erosion(data: Path, params: Path, steps: tuple[int, ...] = (0, 1, 2, 3)) -> None:
+def _erosion(scorer: Any, data: Path, steps: tuple[int, ...] = (0, 1, 2, 3)) -> None:
     """RSM-text of each method's edits in ``data/infer`` with the masks eroded by ``steps`` pixels
     (Euclidean, as the score stage dilates; objects that erosion empties are left out: ``n`` counts the rest)."""
     from scipy.ndimage import distance_transform_edt
 
-    scorer = _scorer(params)
     root = data / "pseudo_gt" / "eval"
     rows = read_jsonl(root / "records.jsonl")
     masks = [read_mask(root / r["mask"]) for r in rows]
@@ -234,6 +231,11 @@ def main() -> None:
     models = load_section(args.params, "models", ModelsConfig)
     length = load_section(args.params, "train", TrainConfig).max_sequence_length
     cfg = resolve_text_length(load_section(args.params, "infer", InferConfig), length)
+    scorer = _scorer(args.params) if {"fit", "judge", "erosion"} & set(args.only) else None
+    if "erosion" in args.only:  # data/infer only: no model
+        _erosion(scorer, args.data)
+    if not {"pathway", "t5_tokens", "fit", "swap", "judge"} & set(args.only):
+        return
     pipe = load_kontext(models)
     if "pathway" in args.only:
         _pathway(pipe, args.data, args.params, args.pairs, STYLES)  # the base alone, before the experts go in
@@ -243,7 +245,6 @@ def main() -> None:
     base = {key: _edit(pipe, None, None, rows, args.data / "pseudo_gt" / key[0], cfg) for key, rows in fit.items()}
     moe = load_moe(pipe.transformer, args.model / "moe")
     styles = tuple(s for s in STYLES if s in moe.experts)
-    scorer = _scorer(args.params) if fit else None
     for (split, style), mine in fit.items():
         if style not in styles:
             continue
@@ -257,18 +258,17 @@ def main() -> None:
         print(
             json.dumps({"diagnostic": "fit", "split": split, "style": style, "n": len(mine), **errs, **rsm}), flush=True
         )
-    root = args.data / "pseudo_gt" / "eval"
-    rows = read_jsonl(root / "records.jsonl")
-    for style in styles if "swap" in args.only else ():
-        mine = [r for r in rows if r["style"] == style][: args.pairs]
-        for expert in styles:
-            errs = _errors(_edit(pipe, moe, expert, mine, root, cfg), mine, root)
-            print(json.dumps({"diagnostic": "swap", "request": style, "expert": expert, "n": len(mine), **errs}),
-                  flush=True)  # fmt: skip
+    if "swap" in args.only:
+        root = args.data / "pseudo_gt" / "eval"
+        rows = read_jsonl(root / "records.jsonl")
+        for style in styles:
+            mine = [r for r in rows if r["style"] == style][: args.pairs]
+            for expert in styles:
+                errs = _errors(_edit(pipe, moe, expert, mine, root, cfg), mine, root)
+                print(json.dumps({"diagnostic": "swap", "request": style, "expert": expert, "n": len(mine), **errs}),
+                      flush=True)  # fmt: skip
     if "judge" in args.only:
-        _judge(args.data, args.params, styles)
-    if "erosion" in args.only:
-        _erosion(args.data, args.params)
+        _judge(scorer, args.data, styles)
 
 
 if __name__ == "__main__":
