@@ -213,7 +213,7 @@ class LossConfig(_Section):
     tau: float = 0.1
     cover_map: Literal["minmax", "official_logits"] = "minmax"
     alpha: float = 2.0
-    # flow-loss weight of the object's tokens (soft mask coverage); 1.0 = the paper's unweighted loss
+    # flow-loss weight of the latent values the object covers (losses.element_coverage); 1.0 = the paper's loss
     object_weight: float = 1.0
 
     def _validate(self) -> None:

@@ -19,19 +19,30 @@ Deviations from the public code (docs/method.md section 4), each kept as a named
   background can never drop below 0.5 since ``a >= 0``;
 * an entry whose mask is empty contributes nothing (the public code uses a uniform target)
   and is counted in ``n_empty``.
+
+:func:`element_coverage` gives the mask's coverage of each latent value, for the toy
+default's object weight on the flow loss (``loss.object_weight``, :mod:`regionroute.objective`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from regionroute.errors import ConfigError
 
-__all__ = ["AttentionLossConfig", "attention_losses", "cover_bce", "downsample_mask", "focus_kl", "pair_maps_masks"]
+__all__ = [
+    "AttentionLossConfig",
+    "attention_losses",
+    "cover_bce",
+    "downsample_mask",
+    "element_coverage",
+    "focus_kl",
+    "pair_maps_masks",
+]
 
 _TINY = 1e-12  # floor for sums and log arguments
 _BCE_EPS = 1e-6  # keeps min-max maps inside (0, 1) so BCE and its gradient stay finite
@@ -74,6 +85,23 @@ def downsample_mask(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
     if mask.dim() != 3:
         raise ValueError(f"mask must be (B, H, W), got {tuple(mask.shape)}")
     return F.adaptive_avg_pool2d(mask.float()[:, None], (h, w))[:, 0].clamp(0.0, 1.0)  # (B, h, w)
+
+
+def element_coverage(vae: Any, masks: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
+    """(B, H, W) masks -> (B, C, h, w): how much of each latent value the mask covers.
+
+    The toy world's pixel-shuffle latent holds one pixel per value: the mask, rearranged as
+    its ``encode`` rearranges the image, answers exactly. For a VAE it is the area average
+    over the latent pixel's footprint, the same for all its channels.
+    """
+    from regionroute.toy.latent import PixelShuffleVAE
+
+    if isinstance(vae, PixelShuffleVAE):
+        per_channel = masks.float()[:, None].expand(-1, vae.config.in_channels, -1, -1)
+        return vae.encode(per_channel).latent_dist.mode()
+
+    _, c, h, w = latent_shape
+    return downsample_mask(masks, h, w)[:, None].expand(-1, c, -1, -1)
 
 
 def pair_maps_masks(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

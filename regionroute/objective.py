@@ -92,10 +92,12 @@ class Objective:
         else:
             pred = self.model(**route, **kwargs)[0][:, :n]
         weight = self.schedule.loss_weight(sigma.view(-1, 1, 1))
-        if self.loss_cfg.object_weight != 1.0:  # not the paper's: the object's tokens count more
-            coverage = c.mask_grid[idx].to(dev).flatten(1).unsqueeze(-1)  # (B, N, 1) in [0, 1]
-            tokens = 1 + (self.loss_cfg.object_weight - 1) * coverage
-            weight = weight * tokens / tokens.mean(1, keepdim=True).clamp_min(1e-8)  # mean 1 per sample (0 if all 0)
+        if self.loss_cfg.object_weight != 1.0:  # not the paper's: the object's latent values count more
+            if c.object_elements.shape[1:] != x0.shape[1:]:
+                raise ValueError("loss.object_weight != 1 needs encode_dataset(..., object_elements=True)")
+            coverage = c.object_elements[idx].to(dev)  # (B, N, C) in [0, 1]
+            values = 1 + (self.loss_cfg.object_weight - 1) * coverage
+            weight = weight * values / values.mean((1, 2), keepdim=True).clamp_min(1e-8)  # mean 1 per sample
         flow = flow_loss(pred, x0, noise, weight)
         terms = {"flow": flow, "balance": self.moe.balance_loss(batch_mean=self._global_mean)}
         total = flow + self.balance_weight * terms["balance"]

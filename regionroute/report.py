@@ -35,7 +35,7 @@ TOY_NOTE = (
     "attention is diffuse. RegionRoute is then trained and evaluated by the same stages as the paper "
     "configuration, with a toy CLIP judge trained on styled regions (`score.clip: toy`) and the official "
     "LPIPS AlexNet weights. Its loss is the paper's except where `params.yaml` says otherwise: the toy "
-    "default weights the object's tokens in the flow loss (`loss.object_weight`; with the paper's unweighted "
+    "default weights the object's pixels in the flow loss (`loss.object_weight`; with the paper's unweighted "
     "loss the experts cancel the style on the object too, see docs/toy.md). What this shows: whether the "
     "method localizes a style in a model whose premise matches the paper's, and every ablation's effect, "
     "measured. What it cannot show: image quality on real photos, behaviour at 1024 px with a 12 B model, or "

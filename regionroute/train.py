@@ -105,6 +105,7 @@ class TrainCache:
     pooled: torch.Tensor  # (B, Dp) CLIP pooled
     style_mask: torch.Tensor  # (B, L) bool, the style word's T5 tokens
     mask_grid: torch.Tensor  # (B, h, w) soft (area-averaged) mask on the token grid
+    object_elements: torch.Tensor  # (B, N, C*4) each packed latent value's mask coverage; (B, 0, 0) if not encoded
     style_ids: torch.Tensor  # (B,) int64 expert index
     latent_hw: tuple[int, int]  # unpacked latent (H/8, W/8)
 
@@ -120,11 +121,11 @@ class TrainCache:
 
 
 def encode_dataset(
-    pipe: Any, records_path: Path, styles: tuple[str, ...], cfg: TrainConfig, batch_size: int = 8
-) -> TrainCache:
-    """Encode images (VAE) and instructions (T5 + CLIP) of ``records.jsonl`` once."""
+    pipe: Any, records_path: Path, styles: tuple[str, ...], cfg: TrainConfig, batch_size: int = 8,
+    object_elements: bool = False) -> TrainCache:  # fmt: skip
+    """Encode images (VAE), instructions (T5 + CLIP) and, if asked, each latent value's mask coverage once."""
     from regionroute.flux.tokens import style_token_mask
-    from regionroute.losses import downsample_mask
+    from regionroute.losses import downsample_mask, element_coverage
 
     records = read_jsonl(records_path)
     if not records:
@@ -135,7 +136,7 @@ def encode_dataset(
     root = records_path.parent
     device, vae = pipe._execution_device, pipe.vae
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("x0", "context", "prompt", "pooled", "mask")}
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("x0", "context", "prompt", "pooled", "mask", "elements")}
     latent_hw = None
     with torch.no_grad():
         for start in tqdm(range(0, len(records), batch_size), desc="encode", unit="batch"):
@@ -155,6 +156,9 @@ def encode_dataset(
             out["pooled"].append(pooled.float().cpu())
             masks = torch.from_numpy(np.stack([read_mask(root / r["mask"]) for r in batch])).float()
             out["mask"].append(downsample_mask(masks, latent_hw[0] // 2, latent_hw[1] // 2))
+            if object_elements:
+                cov = element_coverage(vae, masks.to(device), lat.shape)  # (b, C, H/8, W/8)
+                out["elements"].append(pipe._pack_latents(cov, b, c, h, w).float().cpu())
     style_mask = style_token_mask(
         pipe.tokenizer_2, [r["instruction"] for r in records], [r["style"] for r in records], cfg.max_sequence_length
     )
@@ -165,6 +169,7 @@ def encode_dataset(
         pooled=torch.cat(out["pooled"]),
         style_mask=style_mask,
         mask_grid=torch.cat(out["mask"]),
+        object_elements=torch.cat(out["elements"]) if object_elements else torch.zeros(len(records), 0, 0),
         style_ids=torch.tensor([styles.index(r["style"]) for r in records]),
         latent_hw=latent_hw,
     )

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     dist.state(models.device)  # one process, or this rank of `accelerate launch` (before loading models)
     with dist.main_first():
         pipe = load_kontext(models)
-    cache = encode_dataset(pipe, args.records, data.styles, cfg)  # every rank: the draws index the whole set
+    # every rank: the draws index the whole set
+    cache = encode_dataset(pipe, args.records, data.styles, cfg, object_elements=loss.object_weight != 1.0)
     # the encoders are not needed any more (docs/method.md §2: cache once, then free them)
     pipe.vae = pipe.text_encoder = pipe.text_encoder_2 = None
     summary = train(

@@ -50,7 +50,7 @@ def _records(root: Path, n: int = 6, size: int = 128) -> Path:
 def encoded(tmp_path_factory):
     records = _records(tmp_path_factory.mktemp("records"))
     pipe = load_kontext(ModelsConfig(kontext="tiny", dtype="float32", device="cpu"))
-    return records, encode_dataset(pipe, records, STYLES, CFG)
+    return records, encode_dataset(pipe, records, STYLES, CFG, object_elements=True)
 
 
 def _pipe():
@@ -212,8 +212,8 @@ def test_paper_training_path_bf16_checkpointing_accumulation(encoded, tmp_path, 
 
 
 @pytest.mark.parametrize("object_weight", [0.0, 3.0])
-def test_object_weight_scales_the_flow_loss_of_the_masks_tokens(encoded, object_weight):
-    """Known answer: the flow loss with the object's tokens weighted by hand-made coverage."""
+def test_object_weight_scales_the_flow_loss_of_the_masks_values(encoded, object_weight):
+    """Known answer: the flow loss with the object's latent values weighted by hand-made coverage."""
     from regionroute.flux.flow import kontext_image_ids, noisy, transformer_inputs
     from regionroute.lora_moe import RoutedTransformer, inject_lora_moe
     from regionroute.objective import Objective
@@ -233,10 +233,32 @@ def test_object_weight_scales_the_flow_loss_of_the_masks_tokens(encoded, object_
                                 ids, CFG.guidance, torch.float32)  # fmt: skip
     with torch.no_grad():
         pred = model(style_ids=c.style_ids[idx], pooled=c.pooled[idx], **kwargs)[0][:, : x0.shape[1]]
-    err = ((pred - (noise - x0)) ** 2).mean(-1)  # (B, N); the default weighting_scheme "none" weighs 1
-    cover = c.mask_grid[idx].flatten(1)
-    assert 0 < float(cover.mean()) < 1  # the hand-made masks cover some tokens, not all
+    err = (pred - (noise - x0)) ** 2  # (B, N, C); the default weighting_scheme "none" weighs 1
+    cover = c.object_elements[idx]
+    assert 0 < float(cover.mean()) < 1  # the hand-made masks cover some values, not all
+    # a VAE latent: each value weighs its latent pixel's area coverage, which averages to the token's
+    torch.testing.assert_close(cover.mean(-1), c.mask_grid[idx].flatten(1))
     torch.testing.assert_close(flows[1.0]["flow"].detach(), err.mean())
-    tokens = 1 + (object_weight - 1) * cover  # then scaled to mean 1 per sample
-    expected = (err * tokens / tokens.mean(1, keepdim=True)).mean()
+    values = 1 + (object_weight - 1) * cover  # then scaled to mean 1 per sample
+    expected = (err * values / values.mean((1, 2), keepdim=True)).mean()
     torch.testing.assert_close(flows[object_weight]["flow"].detach(), expected)
+    bare = dataclasses.replace(cache, object_elements=torch.zeros(cache.n_records, 0, 0))
+    with pytest.raises(ValueError, match="object_elements"):
+        Objective(pipe, model, moe, None, bare, CFG, dataclasses.replace(loss, object_weight=3.0), 0.0)(draw)
+
+
+def test_element_coverage_of_the_toy_latent_is_each_values_own_pixel():
+    """Known answer: the pixel-shuffle latent's values inside a hand-made mask are those of the mask's pixels."""
+    from regionroute.losses import downsample_mask, element_coverage
+    from regionroute.toy.latent import PixelShuffleVAE
+
+    vae = PixelShuffleVAE()  # factor 4: 48 values per latent pixel
+    mask = torch.zeros(2, 16, 16)
+    mask[0, 3:9, 5:14] = 1  # straddles latent pixels
+    mask[1, 0, 0] = 1  # one pixel
+    image = torch.rand(2, 3, 16, 16)
+    cover = element_coverage(vae, mask, (2, 48, 4, 4))
+    assert cover.shape == (2, 48, 4, 4) and set(cover.unique().tolist()) == {0.0, 1.0}
+    latent = vae.encode(image).latent_dist.mode()
+    torch.testing.assert_close(latent * cover, vae.encode(image * mask[:, None]).latent_dist.mode())
+    torch.testing.assert_close(cover.mean(1), downsample_mask(mask, 4, 4))  # a latent pixel's area coverage
