@@ -52,7 +52,7 @@ def _config(path: Path, processes: int) -> Path:
 def _eval_set(root: Path, pairs: int, size: int) -> Path:
     import numpy as np
 
-    from regionroute.io import write_image, write_jsonl, write_mask
+    from regionroute.files import write_image, write_jsonl, write_mask
 
     rng = np.random.default_rng(0)
     rows = []

@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 from regionroute.config import InferConfig, ModelsConfig, TrainConfig, load_section
+from regionroute.files import read_image, read_jsonl, read_mask
 from regionroute.infer import pair_seed, resolve_text_length
-from regionroute.io import read_image, read_jsonl, read_mask
 
 STYLES = ("pixel-art", "cyberpunk", "expressionism", "line-art")
 DIAGNOSTICS = ("pathway", "t5_tokens", "fit", "swap", "judge", "erosion")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from regionroute.errors import UserError
-from regionroute.io import atomic_path
+from regionroute.files import atomic_path
 
 __all__ = ["ABLATION_METRICS", "ExpRow", "ablation_table", "exp_rows", "exp_show_json", "write_ablations"]
 

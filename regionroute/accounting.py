@@ -129,7 +129,7 @@ def _source_digest() -> str:
 
 
 def _cached_peak(key: dict[str, Any], compute: Callable[[], int], use_cache: bool) -> int:
-    from regionroute.io import write_json
+    from regionroute.files import write_json
     from regionroute.models import cache_dir
 
     name = hashlib.sha256(json.dumps({**key, "src": _source_digest()}, sort_keys=True, default=str).encode())

@@ -48,7 +48,7 @@ def _gib(n: float) -> str:
 # -- data -----------------------------------------------------------------------------------------
 def check_data(params: Params) -> list[Finding]:
     """The COCO layout of every split, with its counts against ``data.splits.<split>.num``."""
-    from regionroute.io import read_json
+    from regionroute.files import read_json
 
     root, out = Path(params.data.root), []
     for split, cfg in sorted(params.data.splits.items()):

@@ -6,7 +6,7 @@ Used by the ``train`` stage (:mod:`regionroute.train`). A checkpoint directory
 loop's running state that the logs depend on (the partial sums of the current logging
 window, the run's counters), so that a resumed run logs exactly what the uninterrupted
 run logs. The whole ``<ckpt>`` directory is keyed on content
-(:func:`regionroute.io.prepare_resumable_dir`): a checkpoint is only resumed by a run of
+(:func:`regionroute.files.prepare_resumable_dir`): a checkpoint is only resumed by a run of
 the same data, model, code and params.
 
 The dvclive logs live beside the checkpoints (``<ckpt>/dvclive``); on resume, rows
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from regionroute.io import atomic_dir, atomic_path, read_json, write_json
+from regionroute.files import atomic_dir, atomic_path, read_json, write_json
 
 __all__ = ["checkpoints", "load_state", "save_checkpoint", "trim_live_logs"]
 

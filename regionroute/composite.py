@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from regionroute.config import CompositeConfig
 from regionroute.errors import DataError
-from regionroute.io import atomic_dir, read_image, read_jsonl, read_mask, write_image, write_jsonl
+from regionroute.files import atomic_dir, read_image, read_jsonl, read_mask, write_image, write_jsonl
 
 __all__ = ["TrainingRecord", "alpha_composite", "composite_pair", "composite_splits", "seamless_composite"]
 

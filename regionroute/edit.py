@@ -17,7 +17,7 @@ from PIL import Image
 
 from regionroute.config import InferConfig, ModelsConfig
 from regionroute.errors import UserError
-from regionroute.io import read_image, write_image
+from regionroute.files import read_image, write_image
 
 __all__ = ["edit_image", "fit_to_area"]
 

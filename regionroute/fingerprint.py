@@ -1,7 +1,7 @@
 """Content keys for everything resumable: nothing is ever keyed on a path or a count.
 
 Used by ``stylize``, ``train`` and ``infer`` (resumable stage outputs) through
-:class:`ItemStore` and :func:`regionroute.io.prepare_resumable_dir`.
+:class:`ItemStore` and :func:`regionroute.files.prepare_resumable_dir`.
 
 A resumable output is valid only for the *content* of what produced it:
 
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from regionroute.io import read_json, write_json
+from regionroute.files import read_json, write_json
 
 __all__ = [
     "ItemStore",

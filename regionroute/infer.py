@@ -49,7 +49,7 @@ composition.
 from __future__ import annotations
 
 import dataclasses
-import io as _io
+import io
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from regionroute.config import InferConfig
 from regionroute.errors import DataError, UserError
-from regionroute.io import atomic_path, prepare_resumable_dir, read_image, read_jsonl, write_image, write_jsonl
+from regionroute.files import atomic_path, prepare_resumable_dir, read_image, read_jsonl, write_image, write_jsonl
 
 __all__ = [
     "CODE_MODULES",
@@ -197,7 +197,7 @@ def save_attention_figure(
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
     with atomic_path(path) as tmp:
@@ -226,7 +226,7 @@ CODE_MODULES: tuple[str, ...] = (
     "regionroute.tiny.kontext",
     "regionroute.tiny.text",
     "regionroute.toy.latent",
-    "regionroute.io",
+    "regionroute.files",
     "regionroute.config",
 )
 

@@ -16,7 +16,7 @@ The ablation table across experiments is written by ``regionroute ablations`` (i
 
 from __future__ import annotations
 
-import io as _io
+import io
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from regionroute.io import atomic_path, read_image, read_json, read_jsonl
+from regionroute.files import atomic_path, read_image, read_json, read_jsonl
 
 __all__ = ["TINY_NOTE", "TOY_NOTE", "markdown_table", "toy_claims", "world_of", "write_report"]
 
@@ -159,7 +159,7 @@ def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})
     plt.close(fig)
     with atomic_path(path) as tmp:
@@ -173,7 +173,7 @@ def _attention_grid(path: Path, pairs: list[dict[str, Any]], root: Path, methods
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from regionroute.io import read_mask
+    from regionroute.files import read_mask
 
     rows = []
     for rec in pairs:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from regionroute.config import ScoreConfig
 from regionroute.errors import DataError
-from regionroute.io import atomic_path, read_image, read_jsonl, read_mask, write_json
+from regionroute.files import atomic_path, read_image, read_jsonl, read_mask, write_json
 
 __all__ = ["METRIC_COLUMNS", "score_methods", "summarize", "write_scores"]
 

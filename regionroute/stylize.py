@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from regionroute.config import ModelsConfig, StylizeConfig
 from regionroute.errors import DataError
-from regionroute.io import prepare_resumable_dir, read_image, read_jsonl, write_image, write_jsonl
+from regionroute.files import prepare_resumable_dir, read_image, read_jsonl, write_image, write_jsonl
 
 if TYPE_CHECKING:
     from diffusers import FluxKontextPipeline
@@ -52,7 +52,7 @@ CODE_MODULES: tuple[str, ...] = (
     "regionroute.tiny.kontext",
     "regionroute.tiny.text",
     "regionroute.toy.latent",
-    "regionroute.io",
+    "regionroute.files",
     "regionroute.config",
 )
 

@@ -53,7 +53,15 @@ from tqdm import tqdm
 
 from regionroute.config import LossConfig, TrainConfig
 from regionroute.errors import DataError, UserError
-from regionroute.io import atomic_dir, prepare_resumable_dir, read_image, read_json, read_jsonl, read_mask, write_json
+from regionroute.files import (
+    atomic_dir,
+    prepare_resumable_dir,
+    read_image,
+    read_json,
+    read_jsonl,
+    read_mask,
+    write_json,
+)
 from regionroute.objective import Objective, probe_attention
 
 __all__ = [
@@ -82,7 +90,7 @@ CODE_MODULES: tuple[str, ...] = (
     "regionroute.tiny.kontext",
     "regionroute.tiny.text",
     "regionroute.toy.latent",
-    "regionroute.io",
+    "regionroute.files",
     "regionroute.config",
 )
 #: train params that change neither the experts nor the logs: a run may resume across them.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from regionroute.config import ModelsConfig, load_section
 from regionroute.errors import exit_on_user_error
-from regionroute.io import write_json
+from regionroute.files import write_json
 from regionroute.toy.base import BaseConfig
 from regionroute.toy.evaluate import EvaluateConfig
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_section(args.params, "evaluate", EvaluateConfig)
     import torch
 
-    from regionroute.io import atomic_path, read_json
+    from regionroute.files import atomic_path, read_json
     from regionroute.models.kontext import load_kontext
     from regionroute.toy.evaluate import base_report, evaluate_base, save_figure
 

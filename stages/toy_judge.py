@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cfg = load_section(args.params, "judge", JudgeConfig)
-    from regionroute.io import write_json
+    from regionroute.files import write_json
     from regionroute.toy.judge import train_judge
 
     result = train_judge(cfg, args.out)

@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cfg = load_section(args.params, "scenes", ScenesConfig)
-    from regionroute.io import atomic_dir
+    from regionroute.files import atomic_dir
     from regionroute.toy.scenes import write_coco_dataset
 
     with atomic_dir(args.out) as tmp:

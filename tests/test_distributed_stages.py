@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from regionroute.io import read_image, read_json, read_jsonl, write_image, write_json, write_jsonl, write_mask
+from regionroute.files import read_image, read_json, read_jsonl, write_image, write_json, write_jsonl, write_mask
 from stages import infer, sample, score, stylize
 from tests.conftest import DEMO, run_stage, sample_argv
 from tests.test_distributed_launch import run_launched

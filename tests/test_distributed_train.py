@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from regionroute.config import LossConfig, ModelsConfig, TrainConfig
-from regionroute.io import read_json, write_image, write_json, write_jsonl, write_mask
+from regionroute.files import read_json, write_image, write_json, write_jsonl, write_mask
 from regionroute.lora_moe import LoraConfig
 
 pytestmark = pytest.mark.distributed

@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from regionroute import infer, stylize, train
+from regionroute.files import prepare_resumable_dir
 from regionroute.fingerprint import ItemStore, model_digest, module_files, tensor_digest, tree_digest
-from regionroute.io import prepare_resumable_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

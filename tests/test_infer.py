@@ -10,8 +10,8 @@ import pytest
 
 from regionroute import cli
 from regionroute.config import InferConfig, ModelsConfig
+from regionroute.files import read_image, read_jsonl, read_mask, write_image, write_json, write_jsonl, write_mask
 from regionroute.infer import Editor, run_method
-from regionroute.io import read_image, read_jsonl, read_mask, write_image, write_json, write_jsonl, write_mask
 from regionroute.lora_moe import LoraConfig, inject_lora_moe, save_moe
 from regionroute.models.kontext import load_kontext
 from tests.conftest import run_stage

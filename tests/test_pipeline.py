@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
-from regionroute.io import read_image, read_json, read_jsonl
+from regionroute.files import read_image, read_json, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {

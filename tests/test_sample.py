@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from regionroute.data.coco import crop_square
-from regionroute.io import read_jsonl, read_mask
+from regionroute.files import read_jsonl, read_mask
 from stages import sample
 from tests.conftest import DEMO, run_stage, sample_argv
 

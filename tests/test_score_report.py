@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from regionroute.config import ScoreConfig
-from regionroute.io import read_json, write_image, write_jsonl, write_mask
+from regionroute.files import read_json, write_image, write_jsonl, write_mask
 from regionroute.report import TINY_NOTE
 from stages import report, score
 from tests.conftest import run_stage

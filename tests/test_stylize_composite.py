@@ -10,7 +10,7 @@ import pytest
 
 from regionroute.composite import composite_pair
 from regionroute.config import CompositeConfig
-from regionroute.io import read_image, read_jsonl, read_mask
+from regionroute.files import read_image, read_jsonl, read_mask
 from stages import composite, sample, stylize
 from tests.conftest import DEMO, run_stage, sample_argv
 
@@ -68,7 +68,7 @@ def test_stylize_fingerprint_change_restarts(samples, tmp_path, capsys, params_f
 
 
 def test_stylize_recomputes_exactly_the_images_whose_input_pixels_changed(samples, tmp_path, capsys):
-    from regionroute.io import write_image
+    from regionroute.files import write_image
 
     params, sdir = samples
     out = tmp_path / "st"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from regionroute.config import LossConfig, ModelsConfig, TrainConfig
-from regionroute.io import write_image, write_jsonl, write_mask
+from regionroute.files import write_image, write_jsonl, write_mask
 from regionroute.lora_moe import LoraConfig, load_moe
 from regionroute.models.kontext import load_kontext
 from regionroute.train import TrainingError, encode_dataset, read_model_config, train
@@ -138,7 +138,7 @@ def _tsv(live: Path, name: str) -> list[tuple[int, float]]:
 
 def test_new_pseudo_gt_pixels_restart_training(encoded, tmp_path):
     """Same records, paths and count; other pixels: every step runs again and the experts differ."""
-    from regionroute.io import read_json
+    from regionroute.files import read_json
 
     _, cache = encoded
     cfg = dataclasses.replace(CFG, steps=4)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from regionroute.config import SampleConfig
 from regionroute.errors import ConfigError, DataError
-from regionroute.io import atomic_dir, read_image, read_json, write_image, write_json, write_jsonl, write_mask
+from regionroute.files import atomic_dir, read_image, read_json, write_image, write_json, write_jsonl, write_mask
 
 __all__ = ["SampleRecord", "crop_square", "load_coco", "sample_split", "skip_summary"]
 

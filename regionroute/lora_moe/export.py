@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from regionroute.errors import DataError, UserError
-from regionroute.io import atomic_path, read_json, write_json
+from regionroute.files import atomic_path, read_json, write_json
 from regionroute.lora_moe.config import LoraConfig
 from regionroute.lora_moe.inject import LoraMoE, inject_lora_moe
 

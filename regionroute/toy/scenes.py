@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from regionroute.io import atomic_path, write_json
+from regionroute.files import atomic_path, write_json
 
 __all__ = ["CATEGORIES", "COLOURS", "Scene", "render_batch", "render_scene", "write_coco_dataset"]
 
