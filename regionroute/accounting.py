@@ -273,7 +273,7 @@ def account(
             )
             out["stylize"] = StageMemory("stylize", pipe_weights, 0, biggest(parts), detail=parts)
         if "train" in stages:
-            from regionroute.train import encode_dataset
+            from regionroute.objective import encode_dataset
 
             enc_batch = inspect.signature(encode_dataset).parameters["batch_size"].default
             supervise = params.loss.focus_weight > 0 or params.loss.cover_weight > 0

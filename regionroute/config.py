@@ -21,16 +21,21 @@ from ruamel.yaml import YAML, YAMLError
 from regionroute.errors import ConfigError
 
 __all__ = [
+    "DOUBLE_STREAM_TARGETS",
     "KNOWN_STYLES",
+    "LORA_DTYPES",
     "PAPER_STYLES",
+    "SINGLE_STREAM_TARGETS",
     "CompositeConfig",
     "DataConfig",
     "InferConfig",
+    "LoraConfig",
     "LossConfig",
     "ModelsConfig",
     "Params",
     "SampleConfig",
     "ScoreConfig",
+    "Section",
     "SplitConfig",
     "StylizeConfig",
     "TrainConfig",
@@ -56,7 +61,7 @@ KNOWN_STYLES: tuple[str, ...] = (
 )
 
 
-class _Section:
+class Section:
     """Mixin: range checks live in ``_validate``; ``_fail`` names the key."""
 
     _section: typing.ClassVar[str] = ""
@@ -77,7 +82,7 @@ class _Section:
 
 
 @dataclass(frozen=True)
-class ModelsConfig(_Section):
+class ModelsConfig(Section):
     """Model references: ``"tiny"`` (built in code), a hub id, or a local directory."""
 
     _section: typing.ClassVar[str] = "models"
@@ -91,7 +96,7 @@ class ModelsConfig(_Section):
 
 
 @dataclass(frozen=True)
-class SplitConfig(_Section):
+class SplitConfig(Section):
     """One split of the COCO-format dataset under ``data.root``."""
 
     _section: typing.ClassVar[str] = "data.splits.<split>"
@@ -104,7 +109,7 @@ class SplitConfig(_Section):
 
 
 @dataclass(frozen=True)
-class DataConfig(_Section):
+class DataConfig(Section):
     """Dataset root (COCO layout), styles, and the train / eval splits."""
 
     _section: typing.ClassVar[str] = "data"
@@ -132,7 +137,7 @@ class DataConfig(_Section):
 
 
 @dataclass(frozen=True)
-class SampleConfig(_Section):
+class SampleConfig(Section):
     """Stage ``sample`` (docs/method.md §1.1-1.2)."""
 
     _section: typing.ClassVar[str] = "sample"
@@ -155,7 +160,7 @@ class SampleConfig(_Section):
 
 
 @dataclass(frozen=True)
-class StylizeConfig(_Section):
+class StylizeConfig(Section):
     """Stage ``stylize`` (docs/method.md §1.3): global stylization with FLUX.1-Kontext."""
 
     _section: typing.ClassVar[str] = "stylize"
@@ -180,7 +185,7 @@ class StylizeConfig(_Section):
 
 
 @dataclass(frozen=True)
-class CompositeConfig(_Section):
+class CompositeConfig(Section):
     """Stage ``composite`` (docs/method.md §1.4-1.5): pseudo-GT by seamless clone or alpha."""
 
     _section: typing.ClassVar[str] = "composite"
@@ -199,8 +204,99 @@ class CompositeConfig(_Section):
                 self._fail("instruction", f"must contain '{key}', got {self.instruction!r}")
 
 
+#: Targets a double-stream block (``FluxTransformerBlock``) offers. The first four are
+#: the paper's; ``add_*``/``to_add_out`` are the text-stream projections, ``ff`` and
+#: ``ff_context`` the image- and text-stream MLPs (both of their Linears).
+DOUBLE_STREAM_TARGETS: tuple[str, ...] = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff",
+    "ff_context",
+)
+#: Targets a single-stream block (``FluxSingleTransformerBlock``) offers; the first
+#: three are the paper's. ``proj_out`` is shared by attention output and MLP.
+SINGLE_STREAM_TARGETS: tuple[str, ...] = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
+LORA_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
-class LossConfig(_Section):
+class LoraConfig(Section):
+    """Experts (rank, alpha, init), where they go (streams, targets) and how they are routed.
+
+    ``routing: style`` is a hard one-hot choice by the sample's style (the public code's
+    ``set_adapters([style])``); ``learned`` is MoLE's softmax gate over the pooled text
+    embedding, with ``balance_weight`` weighting its load-balancing loss in training.
+    ``dtype`` is the dtype of the expert weights (the frozen base may be bf16).
+    """
+
+    _section: typing.ClassVar[str] = "lora"
+    rank: int = 4
+    alpha: float = 4.0
+    dropout: float = 0.0
+    init: Literal["gaussian", "kaiming"] = "gaussian"
+    double_stream: bool = True
+    single_stream: bool = True
+    double_targets: tuple[str, ...] = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
+    single_targets: tuple[str, ...] = ("attn.to_q", "attn.to_k", "attn.to_v")
+    routing: Literal["style", "learned"] = "style"
+    router_temperature: float = 1.0
+    balance_weight: float = 0.01
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @property
+    def scaling(self) -> float:
+        """The LoRA output scale ``alpha / rank`` (peft's default, non-rsLoRA scaling)."""
+        return self.alpha / self.rank
+
+    def _validate(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            self._fail("rank", f"must be an integer >= 1, got {self.rank!r}")
+        if not self.alpha > 0:
+            self._fail("alpha", f"must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            self._fail("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.init not in ("gaussian", "kaiming"):
+            self._fail("init", f"must be one of gaussian, kaiming, got {self.init!r}")
+        if self.routing not in ("style", "learned"):
+            self._fail("routing", f"must be one of style, learned, got {self.routing!r}")
+        if self.dtype not in LORA_DTYPES:
+            self._fail("dtype", f"must be one of {', '.join(LORA_DTYPES)}, got {self.dtype!r}")
+        if not self.router_temperature > 0:
+            self._fail("router_temperature", f"must be > 0, got {self.router_temperature}")
+        if not self.balance_weight >= 0:
+            self._fail("balance_weight", f"must be >= 0, got {self.balance_weight}")
+        if not (self.double_stream or self.single_stream):
+            self._fail("double_stream", "double_stream and single_stream are both false: no expert would be trained")
+        for key, enabled, targets, allowed in (
+            ("double_targets", self.double_stream, self.double_targets, DOUBLE_STREAM_TARGETS),
+            ("single_targets", self.single_stream, self.single_targets, SINGLE_STREAM_TARGETS),
+        ):
+            if enabled and not targets:
+                self._fail(key, "is empty but its stream is enabled")
+            for t in targets:
+                if t not in allowed:
+                    self._fail(key, f"unknown target {t!r} (expected some of: {', '.join(allowed)})")
+            if len(set(targets)) != len(targets):
+                self._fail(key, f"duplicate target in {list(targets)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples as lists) that :meth:`from_dict` reads back."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> LoraConfig:
+        """Build from a mapping (``params.yaml`` section or saved JSON), with full validation."""
+        return _build(cls._section, raw, cls)
+
+
+@dataclass(frozen=True)
+class LossConfig(Section):
     """``loss:`` attention supervision (docs/method.md §3-4); a weight of 0 disables a term (ablations)."""
 
     _section: typing.ClassVar[str] = "loss"
@@ -225,7 +321,7 @@ class LossConfig(_Section):
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """``train:`` the training loop (docs/method.md §2; paper column = public code's settings)."""
 
     _section: typing.ClassVar[str] = "train"
@@ -273,7 +369,7 @@ class TrainConfig(_Section):
 
 
 @dataclass(frozen=True)
-class InferConfig(_Section):
+class InferConfig(Section):
     """``infer:`` editing the held-out pairs (docs/method.md §6; defaults = public code)."""
 
     _section: typing.ClassVar[str] = "infer"
@@ -303,7 +399,7 @@ class InferConfig(_Section):
 
 
 @dataclass(frozen=True)
-class ScoreConfig(_Section):
+class ScoreConfig(Section):
     """``score:`` evaluation models and options (docs/method.md §7)."""
 
     _section: typing.ClassVar[str] = "score"
@@ -327,20 +423,14 @@ class ScoreConfig(_Section):
             self._fail("dilate", f"must be >= 0, got {self.dilate}")
 
 
-def _lora_config() -> type:
-    from regionroute.lora_moe.config import LoraConfig  # imports this module: resolve lazily
-
-    return LoraConfig
-
-
-#: Section name -> dataclass (or a zero-argument function returning it, to avoid import cycles).
-SECTIONS: dict[str, typing.Any] = {
+#: Section name -> its dataclass.
+SECTIONS: dict[str, type[Section]] = {
     "models": ModelsConfig,
     "data": DataConfig,
     "sample": SampleConfig,
     "stylize": StylizeConfig,
     "composite": CompositeConfig,
-    "lora": _lora_config,
+    "lora": LoraConfig,
     "loss": LossConfig,
     "train": TrainConfig,
     "infer": InferConfig,
@@ -348,10 +438,9 @@ SECTIONS: dict[str, typing.Any] = {
 }
 
 
-def section_class(name: str) -> type:
+def section_class(name: str) -> type[Section]:
     """The dataclass of a params section."""
-    cls = SECTIONS[name]
-    return cls if isinstance(cls, type) else cls()
+    return SECTIONS[name]
 
 
 @dataclass(frozen=True)
@@ -363,7 +452,7 @@ class Params:
     sample: SampleConfig
     stylize: StylizeConfig
     composite: CompositeConfig
-    lora: typing.Any  # regionroute.lora_moe.config.LoraConfig
+    lora: LoraConfig
     loss: LossConfig
     train: TrainConfig
     infer: InferConfig

@@ -55,8 +55,8 @@ def edit_image(
     from regionroute.flux.tokens import find_style_span
     from regionroute.infer import Editor, save_attention_figure
     from regionroute.lora_moe import load_moe
+    from regionroute.lora_moe.export import read_model_config
     from regionroute.models.kontext import load_kontext
-    from regionroute.train import read_model_config
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():

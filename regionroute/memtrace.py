@@ -48,8 +48,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 
-from regionroute.config import LossConfig
-from regionroute.lora_moe.config import LoraConfig
+from regionroute.config import LoraConfig, LossConfig
 
 __all__ = [
     "FluxCall",

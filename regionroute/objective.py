@@ -15,16 +15,99 @@ training. The loop itself (optimizer, checkpoints, logs) is :mod:`regionroute.tr
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 from regionroute.config import LossConfig, TrainConfig
+from regionroute.errors import DataError
+from regionroute.files import read_image, read_jsonl, read_mask
 
-if TYPE_CHECKING:
-    from regionroute.train import TrainCache
+__all__ = ["Objective", "TrainCache", "encode_dataset", "probe_attention"]
 
-__all__ = ["Objective", "probe_attention"]
+
+@dataclass
+class TrainCache:
+    """Everything the loop needs, encoded once. Shapes for B samples, text length L, N tokens."""
+
+    x0: torch.Tensor  # (B, N, C*4) packed target latents
+    context: torch.Tensor  # (B, N, C*4) packed context latents
+    prompt_embeds: torch.Tensor  # (B, L, D) T5
+    pooled: torch.Tensor  # (B, Dp) CLIP pooled
+    style_mask: torch.Tensor  # (B, L) bool, the style word's T5 tokens
+    mask_grid: torch.Tensor  # (B, h, w) soft (area-averaged) mask on the token grid
+    object_elements: torch.Tensor  # (B, N, C*4) each packed latent value's mask coverage; (B, 0, 0) if not encoded
+    style_ids: torch.Tensor  # (B,) int64 expert index
+    latent_hw: tuple[int, int]  # unpacked latent (H/8, W/8)
+
+    @property
+    def n_records(self) -> int:
+        return self.x0.shape[0]
+
+    def digest(self) -> str:
+        """Content key of every cached tensor (pixels, masks, instructions, styles as encoded)."""
+        from regionroute.fingerprint import tensor_digest
+
+        return tensor_digest({f.name: getattr(self, f.name) for f in fields(self)})
+
+
+def encode_dataset(
+    pipe: Any, records_path: Path, styles: tuple[str, ...], cfg: TrainConfig, batch_size: int = 8,
+    object_elements: bool = False) -> TrainCache:  # fmt: skip
+    """Encode images (VAE), instructions (T5 + CLIP) and, if asked, each latent value's mask coverage once."""
+    from regionroute.flux.tokens import style_token_mask
+    from regionroute.losses import downsample_mask, element_coverage
+
+    records = read_jsonl(records_path)
+    if not records:
+        raise DataError(f"{records_path}: no training records")
+    unknown = sorted({r["style"] for r in records} - set(styles))
+    if unknown:
+        raise DataError(f"{records_path}: style {unknown[0]!r} is not in data.styles ({', '.join(styles)})")
+    root = records_path.parent
+    device, vae = pipe._execution_device, pipe.vae
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("x0", "context", "prompt", "pooled", "mask", "elements")}
+    latent_hw = None
+    with torch.no_grad():
+        for start in tqdm(range(0, len(records), batch_size), desc="encode", unit="batch"):
+            batch = records[start : start + batch_size]
+            for key, field in (("x0", "pseudo_gt"), ("context", "original")):
+                images = np.stack([read_image(root / r[field]) for r in batch])  # (b, H, W, 3)
+                x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device, vae.dtype)
+                lat = (vae.encode(x).latent_dist.mode() - shift) * scale  # (b, C, H/8, W/8)
+                b, c, h, w = lat.shape
+                latent_hw = (h, w)
+                out[key].append(pipe._pack_latents(lat, b, c, h, w).float().cpu())
+            prompts = [r["instruction"] for r in batch]
+            embeds, pooled, _ = pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, device=device, max_sequence_length=cfg.max_sequence_length
+            )
+            out["prompt"].append(embeds.float().cpu())
+            out["pooled"].append(pooled.float().cpu())
+            masks = torch.from_numpy(np.stack([read_mask(root / r["mask"]) for r in batch])).float()
+            out["mask"].append(downsample_mask(masks, latent_hw[0] // 2, latent_hw[1] // 2))
+            if object_elements:
+                cov = element_coverage(vae, masks.to(device), lat.shape)  # (b, C, H/8, W/8)
+                out["elements"].append(pipe._pack_latents(cov, b, c, h, w).float().cpu())
+    style_mask = style_token_mask(
+        pipe.tokenizer_2, [r["instruction"] for r in records], [r["style"] for r in records], cfg.max_sequence_length
+    )
+    return TrainCache(
+        x0=torch.cat(out["x0"]),
+        context=torch.cat(out["context"]),
+        prompt_embeds=torch.cat(out["prompt"]),
+        pooled=torch.cat(out["pooled"]),
+        style_mask=style_mask,
+        mask_grid=torch.cat(out["mask"]),
+        object_elements=torch.cat(out["elements"]) if object_elements else torch.zeros(len(records), 0, 0),
+        style_ids=torch.tensor([styles.index(r["style"]) for r in records]),
+        latent_hw=latent_hw,
+    )
 
 
 class Objective:

@@ -38,12 +38,11 @@ and ``n_empty``, the samples whose mask is empty on the token grid (no attention
 
 from __future__ import annotations
 
-import json
 import shutil
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -52,25 +51,18 @@ import torch
 from tqdm import tqdm
 
 from regionroute.config import LossConfig, TrainConfig
-from regionroute.errors import DataError, UserError
+from regionroute.errors import UserError
 from regionroute.files import (
     atomic_dir,
     prepare_resumable_dir,
-    read_image,
     read_json,
-    read_jsonl,
-    read_mask,
     write_json,
 )
-from regionroute.objective import Objective, probe_attention
+from regionroute.objective import Objective, TrainCache, probe_attention
 
 __all__ = [
     "CODE_MODULES",
-    "TrainCache",
     "TrainingError",
-    "encode_dataset",
-    "probe_attention",
-    "read_model_config",
     "train",
 ]
 
@@ -96,91 +88,9 @@ CODE_MODULES: tuple[str, ...] = (
 #: train params that change neither the experts nor the logs: a run may resume across them.
 _NOT_IN_KEY = ("checkpoint_every", "keep_checkpoints")
 
-MODEL_CONFIG_NAME = "regionroute.json"
-
 
 class TrainingError(UserError):
     """Training stopped (non-finite loss); the message names the last good checkpoint."""
-
-
-@dataclass
-class TrainCache:
-    """Everything the loop needs, encoded once. Shapes for B samples, text length L, N tokens."""
-
-    x0: torch.Tensor  # (B, N, C*4) packed target latents
-    context: torch.Tensor  # (B, N, C*4) packed context latents
-    prompt_embeds: torch.Tensor  # (B, L, D) T5
-    pooled: torch.Tensor  # (B, Dp) CLIP pooled
-    style_mask: torch.Tensor  # (B, L) bool, the style word's T5 tokens
-    mask_grid: torch.Tensor  # (B, h, w) soft (area-averaged) mask on the token grid
-    object_elements: torch.Tensor  # (B, N, C*4) each packed latent value's mask coverage; (B, 0, 0) if not encoded
-    style_ids: torch.Tensor  # (B,) int64 expert index
-    latent_hw: tuple[int, int]  # unpacked latent (H/8, W/8)
-
-    @property
-    def n_records(self) -> int:
-        return self.x0.shape[0]
-
-    def digest(self) -> str:
-        """Content key of every cached tensor (pixels, masks, instructions, styles as encoded)."""
-        from regionroute.fingerprint import tensor_digest
-
-        return tensor_digest({f.name: getattr(self, f.name) for f in fields(self)})
-
-
-def encode_dataset(
-    pipe: Any, records_path: Path, styles: tuple[str, ...], cfg: TrainConfig, batch_size: int = 8,
-    object_elements: bool = False) -> TrainCache:  # fmt: skip
-    """Encode images (VAE), instructions (T5 + CLIP) and, if asked, each latent value's mask coverage once."""
-    from regionroute.flux.tokens import style_token_mask
-    from regionroute.losses import downsample_mask, element_coverage
-
-    records = read_jsonl(records_path)
-    if not records:
-        raise DataError(f"{records_path}: no training records")
-    unknown = sorted({r["style"] for r in records} - set(styles))
-    if unknown:
-        raise DataError(f"{records_path}: style {unknown[0]!r} is not in data.styles ({', '.join(styles)})")
-    root = records_path.parent
-    device, vae = pipe._execution_device, pipe.vae
-    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("x0", "context", "prompt", "pooled", "mask", "elements")}
-    latent_hw = None
-    with torch.no_grad():
-        for start in tqdm(range(0, len(records), batch_size), desc="encode", unit="batch"):
-            batch = records[start : start + batch_size]
-            for key, field in (("x0", "pseudo_gt"), ("context", "original")):
-                images = np.stack([read_image(root / r[field]) for r in batch])  # (b, H, W, 3)
-                x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device, vae.dtype)
-                lat = (vae.encode(x).latent_dist.mode() - shift) * scale  # (b, C, H/8, W/8)
-                b, c, h, w = lat.shape
-                latent_hw = (h, w)
-                out[key].append(pipe._pack_latents(lat, b, c, h, w).float().cpu())
-            prompts = [r["instruction"] for r in batch]
-            embeds, pooled, _ = pipe.encode_prompt(
-                prompt=prompts, prompt_2=None, device=device, max_sequence_length=cfg.max_sequence_length
-            )
-            out["prompt"].append(embeds.float().cpu())
-            out["pooled"].append(pooled.float().cpu())
-            masks = torch.from_numpy(np.stack([read_mask(root / r["mask"]) for r in batch])).float()
-            out["mask"].append(downsample_mask(masks, latent_hw[0] // 2, latent_hw[1] // 2))
-            if object_elements:
-                cov = element_coverage(vae, masks.to(device), lat.shape)  # (b, C, H/8, W/8)
-                out["elements"].append(pipe._pack_latents(cov, b, c, h, w).float().cpu())
-    style_mask = style_token_mask(
-        pipe.tokenizer_2, [r["instruction"] for r in records], [r["style"] for r in records], cfg.max_sequence_length
-    )
-    return TrainCache(
-        x0=torch.cat(out["x0"]),
-        context=torch.cat(out["context"]),
-        prompt_embeds=torch.cat(out["prompt"]),
-        pooled=torch.cat(out["pooled"]),
-        style_mask=style_mask,
-        mask_grid=torch.cat(out["mask"]),
-        object_elements=torch.cat(out["elements"]) if object_elements else torch.zeros(len(records), 0, 0),
-        style_ids=torch.tensor([styles.index(r["style"]) for r in records]),
-        latent_hw=latent_hw,
-    )
 
 
 def _make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -227,6 +137,7 @@ def train(
     from regionroute.fingerprint import code_digest
     from regionroute.flux.attention import StyleAttentionRecorder
     from regionroute.lora_moe import RoutedTransformer, export_experts, inject_lora_moe, load_moe, save_moe
+    from regionroute.lora_moe.export import write_model_config
 
     # One process may train several configurations (tests, notebooks): the precision is per run.
     # Only the accelerator settings are reset; the process group (PartialState) stays.
@@ -356,8 +267,8 @@ def train(
         with atomic_dir(out_dir) as tmp:
             save_moe(moe, tmp / "moe")
             export_experts(moe, tmp / "lora")
-            write_json(
-                tmp / MODEL_CONFIG_NAME,
+            write_model_config(
+                tmp,
                 {
                     "base_model": base_model,
                     "styles": list(styles),
@@ -398,11 +309,3 @@ def _log(live: Any, values: dict[str, float], step: int) -> None:
     for k, v in values.items():
         live.log_metric(f"train/{k}", float(v))
     live.make_summary()  # metrics.json = the latest values
-
-
-def read_model_config(model_dir: Path) -> dict[str, Any]:
-    """The ``regionroute.json`` a training run wrote (base model, styles, configs)."""
-    path = Path(model_dir) / MODEL_CONFIG_NAME
-    if not path.is_file():
-        raise UserError(f"{model_dir}: not a trained RegionRoute model (no {MODEL_CONFIG_NAME})")
-    return json.loads(path.read_text())

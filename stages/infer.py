@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from regionroute.infer import METHODS, Editor, resolve_text_length, run_method
 
     if args.method == "regionroute":
-        from regionroute.train import read_model_config
+        from regionroute.lora_moe.export import read_model_config
 
         if args.model is None:
             raise UserError("--model: the regionroute method needs the trained model directory")

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from regionroute import distributed as dist
     from regionroute.models.kontext import kontext_key, load_kontext
-    from regionroute.train import encode_dataset, train
+    from regionroute.objective import encode_dataset
+    from regionroute.train import train
 
     torch.manual_seed(cfg.seed)
     dist.state(models.device)  # one process, or this rank of `accelerate launch` (before loading models)

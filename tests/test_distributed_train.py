@@ -68,7 +68,8 @@ def _worker(spec_path: str) -> int:
     from regionroute import lora_moe
     from regionroute.fingerprint import tensor_digest
     from regionroute.models.kontext import load_kontext
-    from regionroute.train import encode_dataset, train
+    from regionroute.objective import encode_dataset
+    from regionroute.train import train
 
     spec = json.loads(Path(spec_path).read_text())
     dist.state("cpu")
@@ -165,7 +166,8 @@ def test_killed_and_resumed_two_process_run_ends_where_the_uninterrupted_one_end
 
 def test_two_processes_match_one_process_with_the_global_batch(runs, tmp_path):
     from regionroute.models.kontext import load_kontext
-    from regionroute.train import encode_dataset, train
+    from regionroute.objective import encode_dataset
+    from regionroute.train import train
 
     one = dataclasses.replace(CFG, batch_size=CFG.batch_size * RANKS)
     pipe = load_kontext(TINY)

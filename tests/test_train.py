@@ -12,8 +12,10 @@ import torch
 from regionroute.config import LossConfig, ModelsConfig, TrainConfig
 from regionroute.files import write_image, write_jsonl, write_mask
 from regionroute.lora_moe import LoraConfig, load_moe
+from regionroute.lora_moe.export import read_model_config
 from regionroute.models.kontext import load_kontext
-from regionroute.train import TrainingError, encode_dataset, read_model_config, train
+from regionroute.objective import encode_dataset
+from regionroute.train import TrainingError, train
 from stages import train as train_stage
 from tests.conftest import run_stage
 

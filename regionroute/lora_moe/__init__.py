@@ -1,6 +1,7 @@
 """Dual-stream LoRA-MoE: one LoRA expert per style on FLUX.1-Kontext (docs/method.md §5).
 
-Structured like a small peft tuner: ``config`` (``params.yaml: lora:``), ``layer`` (the
+Structured like a small peft tuner (its config, ``LoraConfig``, lives with the other sections in
+:mod:`regionroute.config`): ``layer`` (the
 routed MoE LoRA around one ``nn.Linear``), ``router`` (style / learned MoLE gate),
 ``inject`` (wrap the double- and single-stream targets, return a :class:`LoraMoE`
 handle), ``routed`` (transformer + gate as one module, for DDP) and ``export``
@@ -8,7 +9,7 @@ handle), ``routed`` (transformer + gate as one module, for DDP) and ``export``
 stages.
 """
 
-from regionroute.lora_moe.config import DOUBLE_STREAM_TARGETS, SINGLE_STREAM_TARGETS, LoraConfig
+from regionroute.config import DOUBLE_STREAM_TARGETS, SINGLE_STREAM_TARGETS, LoraConfig
 from regionroute.lora_moe.export import expert_lora_state_dict, export_experts, load_moe, save_moe
 from regionroute.lora_moe.inject import LoraMoE, find_targets, inject_lora_moe
 from regionroute.lora_moe.layer import MoELoraLinear, RoutingContext

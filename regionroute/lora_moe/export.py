@@ -27,19 +27,22 @@ from typing import Any
 
 import torch
 
+from regionroute.config import LoraConfig
 from regionroute.errors import DataError, UserError
 from regionroute.files import atomic_path, read_json, write_json
-from regionroute.lora_moe.config import LoraConfig
 from regionroute.lora_moe.inject import LoraMoE, inject_lora_moe
 
 __all__ = [
+    "MODEL_CONFIG_NAME",
     "MOE_CONFIG_NAME",
     "MOE_WEIGHTS_NAME",
     "expert_adapter_metadata",
     "expert_lora_state_dict",
     "export_experts",
     "load_moe",
+    "read_model_config",
     "save_moe",
+    "write_model_config",
 ]
 
 MOE_CONFIG_NAME = "moe.json"
@@ -163,3 +166,19 @@ def load_moe(transformer: torch.nn.Module, directory: str | os.PathLike[str]) ->
         moe.remove()
         raise DataError(f"{weights}: {exc}") from None
     return moe
+
+
+MODEL_CONFIG_NAME = "regionroute.json"
+
+
+def write_model_config(model_dir: Path, config: dict[str, Any]) -> None:
+    """Write the trained model's ``regionroute.json`` (base model, styles, configs)."""
+    write_json(Path(model_dir) / MODEL_CONFIG_NAME, config)
+
+
+def read_model_config(model_dir: Path) -> dict[str, Any]:
+    """The ``regionroute.json`` a training run wrote (base model, styles, configs)."""
+    path = Path(model_dir) / MODEL_CONFIG_NAME
+    if not path.is_file():
+        raise UserError(f"{model_dir}: not a trained RegionRoute model (no {MODEL_CONFIG_NAME})")
+    return read_json(path)

@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from regionroute.config import LoraConfig
 from regionroute.errors import UserError
-from regionroute.lora_moe.config import LoraConfig
 from regionroute.lora_moe.layer import MoELoraLinear, RoutingContext
 from regionroute.lora_moe.router import LearnedRouter, balance_loss, one_hot_gates, validate_expert_ids
 from regionroute.models import DTYPES
