@@ -44,7 +44,8 @@ import torch
 
 from regionroute.config import InferConfig, ModelsConfig, TrainConfig, load_section
 from regionroute.files import read_image, read_jsonl, read_mask
-from regionroute.infer import pair_seed, resolve_text_length
+from regionroute.infer import resolve_text_length
+from regionroute.seeds import item_seed
 
 STYLES = ("pixel-art", "cyberpunk", "expressionism", "line-art")
 DIAGNOSTICS = ("pathway", "t5_tokens", "fit", "swap", "judge", "erosion")
@@ -84,7 +85,7 @@ def _edit(pipe: Any, moe: Any, expert: str | None, rows: list[dict[str, Any]], r
 
     images = [read_image(root / r["original"]) for r in rows]
     prompts = [cfg.instruction.format(object=r["object"], style=r["style"]) for r in rows]
-    seeds = [pair_seed(cfg.seed, r["image_id"]) for r in rows]
+    seeds = [item_seed("infer", cfg.seed, r["image_id"]) for r in rows]
     if expert is not None:
         moe.merge(expert)
     try:

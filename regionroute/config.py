@@ -62,7 +62,7 @@ KNOWN_STYLES: tuple[str, ...] = (
 
 
 class Section:
-    """Mixin: range checks live in ``_validate``; ``_fail`` names the key."""
+    """Base of every params section: ``Literal`` fields are checked, range checks live in ``_validate``."""
 
     _section: typing.ClassVar[str] = ""
 
@@ -77,7 +77,24 @@ class Section:
             if getattr(self, key) < minimum:
                 self._fail(key, f"must be >= {minimum}, got {getattr(self, key)}")
 
+    def _positive(self, *keys: str) -> None:
+        for key in keys:
+            if not getattr(self, key) > 0:
+                self._fail(key, f"must be > 0, got {getattr(self, key)}")
+
+    def _in_range(self, key: str, low: float, high: float, closed: bool = True) -> None:
+        """``low <= value <= high`` (``closed``) or ``low <= value < high``."""
+        value = getattr(self, key)
+        if not (low <= value <= high if closed else low <= value < high):
+            self._fail(key, f"must be in [{low}, {high}{']' if closed else ')'}, got {value}")
+
+    def _literals(self) -> None:
+        for name, tp in get_type_hints(type(self)).items():
+            if get_origin(tp) is Literal and getattr(self, name) not in get_args(tp):
+                self._fail(name, f"must be one of {', '.join(map(str, get_args(tp)))}, got {getattr(self, name)!r}")
+
     def __post_init__(self) -> None:
+        self._literals()
         self._validate()
 
 
@@ -104,8 +121,7 @@ class SplitConfig(Section):
     num: int = 150
 
     def _validate(self) -> None:
-        if self.num < 1:
-            self._fail("num", f"must be >= 1, got {self.num}")
+        self._at_least(1, "num")
 
 
 @dataclass(frozen=True)
@@ -151,10 +167,8 @@ class SampleConfig(Section):
     def _validate(self) -> None:
         if self.resolution < 16 or self.resolution % 16:
             self._fail("resolution", f"must be a positive multiple of 16, got {self.resolution}")
-        if not 0.0 <= self.min_area_frac < 1.0:
-            self._fail("min_area_frac", f"must be in [0, 1), got {self.min_area_frac}")
-        if not 0.0 <= self.max_mask_loss < 1.0:
-            self._fail("max_mask_loss", f"must be in [0, 1), got {self.max_mask_loss}")
+        self._in_range("min_area_frac", 0.0, 1.0, closed=False)
+        self._in_range("max_mask_loss", 0.0, 1.0, closed=False)
         if set(self.categories) & set(self.exclude_categories):
             self._fail("exclude_categories", "overlaps sample.categories")
 
@@ -174,14 +188,9 @@ class StylizeConfig(Section):
     def _validate(self) -> None:
         if "{style}" not in self.instruction:
             self._fail("instruction", f"must contain '{{style}}', got {self.instruction!r}")
-        if self.steps < 1:
-            self._fail("steps", f"must be >= 1, got {self.steps}")
-        if self.guidance < 0:
-            self._fail("guidance", f"must be >= 0, got {self.guidance}")
-        if not 1 <= self.max_sequence_length <= 512:
-            self._fail("max_sequence_length", f"must be in [1, 512], got {self.max_sequence_length}")
-        if self.batch_size < 1:
-            self._fail("batch_size", f"must be >= 1, got {self.batch_size}")
+        self._at_least(1, "steps", "batch_size")
+        self._at_least(0, "guidance")
+        self._in_range("max_sequence_length", 1, 512)
 
 
 @dataclass(frozen=True)
@@ -197,8 +206,7 @@ class CompositeConfig(Section):
     def _validate(self) -> None:
         if self.pad < 1:
             self._fail("pad", f"must be >= 1 (seamlessClone needs room at the border), got {self.pad}")
-        if self.feather < 0:
-            self._fail("feather", f"must be >= 0, got {self.feather}")
+        self._at_least(0, "feather")
         for key in ("{object}", "{style}"):
             if key not in self.instruction:
                 self._fail("instruction", f"must contain '{key}', got {self.instruction!r}")
@@ -255,22 +263,12 @@ class LoraConfig(Section):
         return self.alpha / self.rank
 
     def _validate(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            self._fail("rank", f"must be an integer >= 1, got {self.rank!r}")
-        if not self.alpha > 0:
-            self._fail("alpha", f"must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            self._fail("dropout", f"must be in [0, 1), got {self.dropout}")
-        if self.init not in ("gaussian", "kaiming"):
-            self._fail("init", f"must be one of gaussian, kaiming, got {self.init!r}")
-        if self.routing not in ("style", "learned"):
-            self._fail("routing", f"must be one of style, learned, got {self.routing!r}")
-        if self.dtype not in LORA_DTYPES:
-            self._fail("dtype", f"must be one of {', '.join(LORA_DTYPES)}, got {self.dtype!r}")
-        if not self.router_temperature > 0:
-            self._fail("router_temperature", f"must be > 0, got {self.router_temperature}")
-        if not self.balance_weight >= 0:
-            self._fail("balance_weight", f"must be >= 0, got {self.balance_weight}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int):
+            self._fail("rank", f"must be an integer, got {self.rank!r}")
+        self._at_least(1, "rank")
+        self._positive("alpha", "router_temperature")
+        self._in_range("dropout", 0.0, 1.0, closed=False)
+        self._at_least(0, "balance_weight")
         if not (self.double_stream or self.single_stream):
             self._fail("double_stream", "double_stream and single_stream are both false: no expert would be trained")
         for key, enabled, targets, allowed in (
@@ -314,8 +312,7 @@ class LossConfig(Section):
 
     def _validate(self) -> None:
         self._at_least(0, "focus_weight", "cover_weight", "object_weight")
-        if self.tau <= 0:
-            self._fail("tau", f"must be > 0, got {self.tau}")
+        self._positive("tau", "alpha")
         if self.normalize == "style_tokens" and self.direction != "image_to_text":
             self._fail("normalize", "'style_tokens' exists only for direction image_to_text (the public code's)")
 
@@ -358,14 +355,10 @@ class TrainConfig(Section):
             "keep_checkpoints",
             "log_every",
         )
-        if not 0 < self.learning_rate < 1:
-            self._fail("learning_rate", f"must be in (0, 1), got {self.learning_rate}")
-        if self.lr_warmup_steps < 0:
-            self._fail("lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps}")
-        if self.max_sequence_length > 512:
-            self._fail("max_sequence_length", f"must be <= 512 (T5), got {self.max_sequence_length}")
-        if self.max_grad_norm <= 0:
-            self._fail("max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        self._positive("learning_rate", "max_grad_norm")
+        self._in_range("learning_rate", 0, 1, closed=False)
+        self._at_least(0, "lr_warmup_steps")
+        self._in_range("max_sequence_length", 1, 512)
 
 
 @dataclass(frozen=True)
@@ -419,8 +412,7 @@ class ScoreConfig(Section):
         if "{style}" not in self.template:
             self._fail("template", f"must contain '{{style}}', got {self.template!r}")
         self._at_least(1, "batch_size", "vlm_batch_size", "vlm_max_pixels")
-        if self.dilate < 0:
-            self._fail("dilate", f"must be >= 0, got {self.dilate}")
+        self._at_least(0, "dilate")
 
 
 #: Section name -> its dataclass.

@@ -1,31 +1,14 @@
-"""Content keys for everything resumable: nothing is ever keyed on a path or a count.
+"""Content keys for everything resumable: bytes, tensors, params, model files and code, never paths or counts.
 
-Used by ``stylize``, ``train`` and ``infer`` (resumable stage outputs) through
-:class:`ItemStore` and :func:`regionroute.files.prepare_resumable_dir`.
-
-A resumable output is valid only for the *content* of what produced it:
-
-* :func:`model_digest`: a model reference's content. A local directory (``tiny`` and
-  ``toy`` resolve to one) is hashed file by file; a hub id resolves to its cached
-  snapshot's commit (a content address), or to ``hub:<id>@unresolved`` when it is not
-  in the cache yet (the first run then downloads and the key stays stable);
-* :func:`code_digest`: the source of the modules that define a stage's result (the same
-  modules its ``dvc.yaml`` entry lists as deps; a test keeps the two in step), plus the
-  versions of the libraries that compute it (torch, diffusers, transformers, peft);
-* :func:`tensor_digest`: cached tensors (the training cache: latents, text embeddings,
-  masks), bytes and shapes;
-* :func:`file_digest`: input files (images, masks) by their bytes.
-
-:class:`ItemStore` keeps one key per output item (``<dir>/items/<id>.json``, written
-after the item's files, atomically): an item is reused only when its key equals the one
-a from-scratch run would compute now, so changing one input image recomputes that item
-and nothing else. Items no longer asked for are pruned.
+Used by ``stylize``, ``train``, ``infer`` and the toy base through :class:`ItemStore` (one key per
+output item) and :func:`regionroute.files.prepare_resumable_dir` (one key per directory). A
+stage's code key covers exactly the code its ``dvc.yaml`` entry depends on
+(:func:`stage_code_digest`). docs/method.md §2, "Reproducible and resumable".
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 from collections.abc import Iterable
@@ -43,7 +26,8 @@ __all__ = [
     "json_digest",
     "library_versions",
     "model_digest",
-    "module_files",
+    "stage_code_digest",
+    "stage_code_files",
     "tensor_digest",
     "tree_digest",
 ]
@@ -115,24 +99,40 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def module_files(modules: Iterable[str]) -> list[Path]:
-    """Source files of dotted module names; ``pkg.*`` means every file of a package."""
+def stage_code_files(stage: str, pipeline: str = "dvc.yaml") -> list[Path]:
+    """The code a DVC stage depends on: its ``deps`` under ``regionroute/`` and ``stages/`` (folders expanded).
+
+    ``pipeline`` is relative to the repository root; ``foreach`` stages share one deps list.
+    """
+    import yaml
+
+    from regionroute.models import REPO_ROOT
+
+    spec = yaml.safe_load((REPO_ROOT / pipeline).read_text())["stages"][stage]
+    deps = (spec.get("do") or spec)["deps"]
     files: set[Path] = set()
-    for name in modules:
-        whole = name.endswith(".*")
-        mod = importlib.import_module(name.removesuffix(".*"))
-        origin = Path(mod.__file__ or "")
-        files.update(sorted(origin.parent.rglob("*.py")) if whole else [origin])
+    for dep in deps:
+        if not isinstance(dep, str) or not dep.startswith(("regionroute/", "stages/")):
+            continue
+        path = REPO_ROOT / dep
+        files.update(path.rglob("*.py") if path.is_dir() else [path])
     return sorted(files)
 
 
-def code_digest(modules: Iterable[str]) -> str:
-    """sha256 of the source files of ``modules`` (see :func:`module_files`) and of the library versions."""
+def code_digest(files: Iterable[Path]) -> str:
+    """sha256 of source files (path below the repository root + bytes) and of the library versions."""
+    from regionroute.models import REPO_ROOT
+
     h = hashlib.sha256()
-    for f in module_files(modules):
-        h.update(f"{f.parent.name}/{f.name}\0".encode() + file_digest(f).encode() + b"\n")
+    for f in sorted(files):
+        h.update(f"{Path(f).resolve().relative_to(REPO_ROOT).as_posix()}\0".encode() + file_digest(f).encode() + b"\n")
     h.update(json_digest(library_versions()).encode())
     return h.hexdigest()
+
+
+def stage_code_digest(stage: str, pipeline: str = "dvc.yaml") -> str:
+    """:func:`code_digest` of a stage's code deps: what the stage scripts key their resumable outputs on."""
+    return code_digest(stage_code_files(stage, pipeline))
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor | tuple | list]) -> str:

@@ -14,7 +14,7 @@ docs/method.md §6. Methods (one code path; the ablations are the same stage und
   pseudo-GT). It uses the mask, so it is a reference upper bound, not a rival.
 
 Every pair x style gets the instruction ``infer.instruction`` and a generator seeded by
-:func:`pair_seed` (``infer.seed``, image id): the same for every method (paired
+``item_seed("infer", infer.seed, image id)`` (:mod:`regionroute.seeds`): the same for every method (paired
 comparisons) and drawn independently of the noise ``stylize`` used for the same image
 (``stylize.seed + image_id``). With shared noise the base would re-draw its own
 pseudo-GT sample inside the mask and its ``mse_fg`` would measure noise identity, not
@@ -60,12 +60,11 @@ from tqdm import tqdm
 from regionroute.config import InferConfig
 from regionroute.errors import DataError, UserError
 from regionroute.files import atomic_path, prepare_resumable_dir, read_image, read_jsonl, write_image, write_jsonl
+from regionroute.seeds import item_seed
 
 __all__ = [
-    "CODE_MODULES",
     "METHODS",
     "Editor",
-    "pair_seed",
     "resolve_text_length",
     "run_method",
     "save_attention_figure",
@@ -73,21 +72,6 @@ __all__ = [
 
 Method = Literal["kontext", "regionroute", "oracle"]
 METHODS: tuple[str, ...] = ("kontext", "regionroute", "oracle")
-
-
-#: salt of the eval noise: never the stylize stage's ``seed + image_id`` stream
-_EVAL_NOISE_SALT = 0x52524556  # "RREV"
-
-
-def pair_seed(seed: int, image_id: int) -> int:
-    """The noise seed of one eval image, from ``infer.seed`` and its image id.
-
-    A 63-bit draw of numpy's ``SeedSequence`` over (salt, seed, image id): stable across
-    runs and machines, the same for every method, and independent of the seeds
-    ``stylize`` gives the pseudo-GT (``stylize.seed + image_id``, small integers).
-    """
-    state = np.random.SeedSequence([_EVAL_NOISE_SALT, int(seed), int(image_id)]).generate_state(2, np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1])) or 1
 
 
 class Editor:
@@ -214,23 +198,6 @@ def _save_npz(path: Path, maps: np.ndarray, steps: tuple[int, ...]) -> None:
         )
 
 
-#: Modules that define the edited pixels and maps (the regionroute/ deps of ``infer`` in dvc.yaml).
-CODE_MODULES: tuple[str, ...] = (
-    "regionroute.infer",
-    "regionroute.distributed",
-    "regionroute.fingerprint",
-    "regionroute.lora_moe.*",
-    "regionroute.flux.*",
-    "regionroute.models",
-    "regionroute.models.kontext",
-    "regionroute.tiny.kontext",
-    "regionroute.tiny.text",
-    "regionroute.toy.latent",
-    "regionroute.files",
-    "regionroute.config",
-)
-
-
 def resolve_text_length(cfg: InferConfig, trained_length: int) -> InferConfig:
     """``infer.max_sequence_length: null`` means the length the experts were trained with."""
     if cfg.max_sequence_length is not None:
@@ -238,11 +205,11 @@ def resolve_text_length(cfg: InferConfig, trained_length: int) -> InferConfig:
     return dataclasses.replace(cfg, max_sequence_length=trained_length)
 
 
-def _fingerprint(method: str, cfg: InferConfig, models: Any, model_dir: Path | None) -> dict[str, Any]:
-    from regionroute.fingerprint import code_digest, tree_digest
+def _fingerprint(method: str, cfg: InferConfig, models: Any, model_dir: Path | None, code: str) -> dict[str, Any]:
+    from regionroute.fingerprint import tree_digest
     from regionroute.models.kontext import kontext_key
 
-    fp: dict[str, Any] = {"method": method, "code": code_digest(CODE_MODULES)}
+    fp: dict[str, Any] = {"method": method, "code": code}
     if method != "oracle":  # the oracle copies the pseudo-GT: no model, no params
         fp |= {"infer": dataclasses.asdict(cfg), "models": kontext_key(models)}
     if model_dir is not None:
@@ -256,7 +223,7 @@ def _item_key(method: str, root: Path, r: dict[str, Any], cfg: InferConfig) -> s
     if method == "oracle":
         return json_digest([file_digest(root / r["pseudo_gt"])])
     instruction = cfg.instruction.format(object=r["object"], style=r["style"])
-    return json_digest([file_digest(root / r["original"]), instruction, pair_seed(cfg.seed, r["image_id"])])
+    return json_digest([file_digest(root / r["original"]), instruction, item_seed("infer", cfg.seed, r["image_id"])])
 
 
 def run_method(
@@ -267,6 +234,7 @@ def run_method(
     editor: Editor | None = None,
     models: Any = None,
     model_dir: Path | None = None,
+    code: str = "",
 ) -> int:
     """Run one method over every eval record (pair x style); returns how many were generated now.
 
@@ -292,7 +260,7 @@ def run_method(
 
     def prepare() -> list[tuple[dict[str, Any], str]]:
         """Rank 0: key the output dir, prune, list (record, key) of the pairs to edit, by style then id."""
-        prepare_resumable_dir(out_dir, _fingerprint(method, cfg, models, model_dir))
+        prepare_resumable_dir(out_dir, _fingerprint(method, cfg, models, model_dir, code))
         (out_dir / "manifest.jsonl").unlink(missing_ok=True)
         store.prune({r["id"] for r in records}, ["images", "attention", "figures"])
         keyed = [(r, _item_key(method, root, r, cfg)) for r in sorted(records, key=lambda r: (r["style"], r["id"]))]
@@ -300,59 +268,70 @@ def run_method(
 
     todo = dist.plan(prepare)
     mine = dist.shard(todo)
-    att_steps = tuple(cfg.attention_steps)
     with tqdm(total=len(mine), desc=f"infer {method}", unit="img", disable=not dist.is_main()) as bar:
-        for style in sorted({r["style"] for r, _ in mine}):
-            group = [(r, key) for r, key in mine if r["style"] == style]
-            for start in range(0, len(group), cfg.batch_size):
-                batch = group[start : start + cfg.batch_size]
-                if method == "oracle":  # the pseudo-GT of the eval split is exactly global stylization + GT mask
-                    for r, key in batch:
-                        write_image(out_dir / "images" / f"{r['id']}.png", read_image(root / r["pseudo_gt"]))
-                        store.mark(r["id"], key)
-                    bar.update(len(batch))
-                    continue
-                images = [read_image(root / r["original"]) for r, _ in batch]
-                seeds = [pair_seed(cfg.seed, r["image_id"]) for r, _ in batch]
-                outs, maps = editor.edit(images, [r["object"] for r, _ in batch], style, seeds)
-                for i, (r, key) in enumerate(batch):
-                    if maps is not None:
-                        _save_npz(out_dir / "attention" / f"{r['id']}.npz", maps[i], att_steps)
-                        if cfg.figures:
-                            save_attention_figure(
-                                out_dir / "figures" / f"{r['id']}.png",
-                                outs[i],
-                                maps[i],
-                                att_steps,
-                                title=f"{method}: {cfg.instruction.format(object=r['object'], style=style)}",
-                            )
-                    write_image(out_dir / "images" / f"{r['id']}.png", outs[i])
-                    store.mark(r["id"], key)  # last: the pair is done for exactly these inputs
-                bar.update(len(batch))
-    if editor is not None:
-        editor.close()
+        if method == "oracle":
+            _copy_pseudo_gt(mine, root, store, bar)
+        else:
+            _edit_pairs(method, mine, root, cfg, editor, store, bar)
     dist.barrier()  # every rank's pairs are written
-    has_maps = method != "oracle" and bool(att_steps)
     if dist.is_main():
-        write_jsonl(
-            out_dir / "manifest.jsonl",
-            (
-                {
-                    "id": r["id"],
-                    "sample_id": r["sample_id"],
-                    "image_id": r["image_id"],
-                    "style": r["style"],
-                    "object": r["object"],
-                    "method": method,
-                    "seed": pair_seed(cfg.seed, r["image_id"]),
-                    "instruction": cfg.instruction.format(object=r["object"], style=r["style"]),
-                    "image": f"images/{r['id']}.png",
-                    "attention": f"attention/{r['id']}.npz" if has_maps else None,
-                    "area": r["area"],
-                    "area_frac": r["area_frac"],
-                }
-                for r in records
-            ),
-        )
+        _write_manifest(out_dir / "manifest.jsonl", method, records, cfg)
     dist.barrier()  # the manifest is written when any rank returns
     return len(todo)
+
+
+def _copy_pseudo_gt(todo: list[tuple[dict[str, Any], str]], root: Path, store: Any, bar: Any) -> None:
+    """The oracle: the eval split's pseudo-GT is exactly global stylization + the GT mask's composite."""
+    for r, key in todo:
+        write_image(store.root / "images" / f"{r['id']}.png", read_image(root / r["pseudo_gt"]))
+        store.mark(r["id"], key)
+        bar.update(1)
+
+
+def _edit_pairs(
+    method: str, todo: list[tuple[dict[str, Any], str]], root: Path, cfg: InferConfig, editor: Editor, store: Any,
+    bar: Any,
+) -> None:  # fmt: skip
+    """Edit the pairs style by style (an expert is merged once per style), saving images, maps and figures."""
+    steps = tuple(cfg.attention_steps)
+    for style in sorted({r["style"] for r, _ in todo}):
+        group = [(r, key) for r, key in todo if r["style"] == style]
+        for start in range(0, len(group), cfg.batch_size):
+            batch = group[start : start + cfg.batch_size]
+            images = [read_image(root / r["original"]) for r, _ in batch]
+            seeds = [item_seed("infer", cfg.seed, r["image_id"]) for r, _ in batch]
+            outs, maps = editor.edit(images, [r["object"] for r, _ in batch], style, seeds)
+            for i, (r, key) in enumerate(batch):
+                if maps is not None:
+                    _save_npz(store.root / "attention" / f"{r['id']}.npz", maps[i], steps)
+                    if cfg.figures:
+                        title = f"{method}: {cfg.instruction.format(object=r['object'], style=style)}"
+                        save_attention_figure(store.root / "figures" / f"{r['id']}.png", outs[i], maps[i], steps, title)
+                write_image(store.root / "images" / f"{r['id']}.png", outs[i])
+                store.mark(r["id"], key)  # last: the pair is done for exactly these inputs
+            bar.update(len(batch))
+    editor.close()
+
+
+def _write_manifest(path: Path, method: str, records: list[dict[str, Any]], cfg: InferConfig) -> None:
+    has_maps = method != "oracle" and bool(cfg.attention_steps)
+    write_jsonl(
+        path,
+        (
+            {
+                "id": r["id"],
+                "sample_id": r["sample_id"],
+                "image_id": r["image_id"],
+                "style": r["style"],
+                "object": r["object"],
+                "method": method,
+                "seed": item_seed("infer", cfg.seed, r["image_id"]),
+                "instruction": cfg.instruction.format(object=r["object"], style=r["style"]),
+                "image": f"images/{r['id']}.png",
+                "attention": f"attention/{r['id']}.npz" if has_maps else None,
+                "area": r["area"],
+                "area_frac": r["area_frac"],
+            }
+            for r in records
+        ),
+    )

@@ -26,16 +26,15 @@ default's object weight on the flow loss (``loss.object_weight``, :mod:`regionro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from regionroute.config import LossConfig
 from regionroute.errors import ConfigError
 
 __all__ = [
-    "AttentionLossConfig",
     "attention_losses",
     "cover_bce",
     "downsample_mask",
@@ -46,35 +45,6 @@ __all__ = [
 
 _TINY = 1e-12  # floor for sums and log arguments
 _BCE_EPS = 1e-6  # keeps min-max maps inside (0, 1) so BCE and its gradient stay finite
-
-
-@dataclass(frozen=True)
-class AttentionLossConfig:
-    """Options of the attention losses (``train.attention_loss`` params section).
-
-    Attributes:
-        focus_distribution: ``"normalize"`` (default, ``p = a / sum a``) or ``"softmax"``
-            (``p = softmax(a / tau)``, the public code's).
-        tau: softmax temperature for ``focus_distribution="softmax"`` (public code: 0.1).
-        cover_map: ``"minmax"`` (default, per-map min-max normalized ``a``) or ``"official_logits"``
-            (``BCE_with_logits(alpha * a, m)``, the public code's).
-        alpha: logit scale for ``cover_map="official_logits"`` (public code: 2.0).
-    """
-
-    focus_distribution: Literal["normalize", "softmax"] = "normalize"
-    tau: float = 0.1
-    cover_map: Literal["minmax", "official_logits"] = "minmax"
-    alpha: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.focus_distribution not in ("normalize", "softmax"):
-            raise ConfigError(f"focus_distribution must be 'normalize' or 'softmax', got {self.focus_distribution!r}")
-        if self.cover_map not in ("minmax", "official_logits"):
-            raise ConfigError(f"cover_map must be 'minmax' or 'official_logits', got {self.cover_map!r}")
-        if not self.tau > 0:
-            raise ConfigError(f"tau must be > 0, got {self.tau!r}")
-        if not self.alpha > 0:
-            raise ConfigError(f"alpha must be > 0, got {self.alpha!r}")
 
 
 def downsample_mask(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -156,7 +126,7 @@ def cover_bce(maps: torch.Tensor, masks: torch.Tensor, cover_map: str = "minmax"
 
 
 def attention_losses(
-    maps: torch.Tensor, masks: torch.Tensor, config: AttentionLossConfig | None = None
+    maps: torch.Tensor, masks: torch.Tensor, config: LossConfig | None = None
 ) -> dict[str, torch.Tensor | int]:
     """Focus and Cover, averaged over the entries whose mask is not empty.
 
@@ -170,7 +140,7 @@ def attention_losses(
         masks the counts are samples; with per-entry masks they are (sample, *E) entries. When no
         mask is usable both losses are a differentiable 0.
     """
-    cfg = config or AttentionLossConfig()
+    cfg = config or LossConfig()
     a, m = pair_maps_masks(maps, masks)  # (B, *E, P)
     per_sample = masks.dim() == 3
     valid = m.sum(-1) > 0  # (B, *E)

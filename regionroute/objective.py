@@ -126,14 +126,10 @@ class Objective:
         mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         from regionroute.flux.flow import FlowSchedule, kontext_image_ids
-        from regionroute.losses import AttentionLossConfig
 
         self.model, self.moe, self.recorder, self.cache, self.cfg = model, moe, recorder, cache, cfg
         self.loss_cfg, self.balance_weight = loss_cfg, balance_weight
         self.mean_over_ranks = mean_over_ranks  # (t) -> mean of t over the processes, no grad; None: 1 process
-        self.att_cfg = AttentionLossConfig(
-            loss_cfg.focus_distribution, loss_cfg.tau, loss_cfg.cover_map, loss_cfg.alpha
-        )
         self.schedule = FlowSchedule(
             pipe.scheduler.config, cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale
         )
@@ -187,7 +183,7 @@ class Objective:
         if self.supervise:
             h, w = c.mask_grid.shape[1:]
             masks = c.mask_grid[idx].to(dev)
-            att = attention_losses(maps.view(b, h, w), masks, self.att_cfg)
+            att = attention_losses(maps.view(b, h, w), masks, self.loss_cfg)
             focus, cover = att["focus"], att["cover"]
             if self.mean_over_ranks is not None:  # this rank's share of the global batch's usable masks:
                 used = torch.tensor(float(att["n_used"]), device=dev)  # DDP's average of the ranks' weighted

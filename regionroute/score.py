@@ -38,31 +38,21 @@ from tqdm import tqdm
 from regionroute.config import ScoreConfig
 from regionroute.errors import DataError
 from regionroute.files import atomic_path, read_image, read_jsonl, read_mask, write_json
+from regionroute.metrics.attention import ATTENTION_COLUMNS
+from regionroute.metrics.rses import RSES_COLUMNS
+from regionroute.metrics.vlm import QUESTION_COLUMNS
 
 __all__ = ["METRIC_COLUMNS", "score_methods", "summarize", "write_scores"]
 
-RSES = (
-    "rsm_text",
-    "rsm_image",
-    "mse_fg",
-    "lpips_bg",
-    "lpips_bg_spatial",
-    "mse_bg",
-    "psnr_bg",
-    "ssim_bg",
-    "mse_bg_piebench",
-    "lpips_bg_piebench",
-)
-VLM = ("q1", "q2", "q3", "q4")
-ATTENTION = ("attn_mass_in", "attn_iou")
-METRIC_COLUMNS: tuple[str, ...] = (*RSES, *VLM, *ATTENTION)
+#: Every per-method metric: RSES components, the VLM judge's four questions, attention localization.
+METRIC_COLUMNS: tuple[str, ...] = (*RSES_COLUMNS, *QUESTION_COLUMNS, *ATTENTION_COLUMNS)
 
 
 def _attention(manifest_dir: Path, rows: list[dict[str, Any]], masks: list[np.ndarray]) -> pd.DataFrame:
     from regionroute.losses import downsample_mask
     from regionroute.metrics.attention import attention_localization
 
-    out = {c: [np.nan] * len(rows) for c in ATTENTION}
+    out = {c: [np.nan] * len(rows) for c in ATTENTION_COLUMNS}
     have = [i for i, r in enumerate(rows) if r.get("attention")]
     if have:
         maps = []

@@ -38,35 +38,18 @@ from regionroute.files import prepare_resumable_dir, read_image, read_jsonl, wri
 if TYPE_CHECKING:
     from diffusers import FluxKontextPipeline
 
-__all__ = ["CODE_MODULES", "fingerprint", "stylize_batch", "stylize_splits"]
+__all__ = ["fingerprint", "stylize_batch", "stylize_splits"]
 
 
-#: Modules that define the stylized pixels (the regionroute/ deps of ``stylize`` in dvc.yaml).
-CODE_MODULES: tuple[str, ...] = (
-    "regionroute.stylize",
-    "regionroute.distributed",
-    "regionroute.fingerprint",
-    "regionroute.flux.pipeline",
-    "regionroute.models",
-    "regionroute.models.kontext",
-    "regionroute.tiny.kontext",
-    "regionroute.tiny.text",
-    "regionroute.toy.latent",
-    "regionroute.files",
-    "regionroute.config",
-)
-
-
-def fingerprint(cfg: StylizeConfig, models: ModelsConfig, style: str) -> dict[str, Any]:
-    """What determines every image of a split, by content: params, model files, code."""
-    from regionroute.fingerprint import code_digest
+def fingerprint(cfg: StylizeConfig, models: ModelsConfig, style: str, code: str) -> dict[str, Any]:
+    """What determines every image of a split, by content: params, model files, code (the stage's code key)."""
     from regionroute.models.kontext import kontext_key
 
     return {
         "style": style,
         "stylize": {k: getattr(cfg, k) for k in ("instruction", "steps", "guidance", "max_sequence_length", "seed")},
         "models": kontext_key(models),
-        "code": code_digest(CODE_MODULES),
+        "code": code,
     }
 
 
@@ -86,19 +69,22 @@ def stylize_splits(
     style: str,
     cfg: StylizeConfig,
     models: ModelsConfig,
+    code: str,
 ) -> dict[str, int]:
     """Stylize every sample of every split in ``samples`` (name -> sample dir) into ``out_dir``.
 
+    ``code``: the stage's code key (:func:`regionroute.fingerprint.stage_code_digest`).
     Returns how many images were generated per split (by all processes together).
     """
     from regionroute import distributed as dist
     from regionroute.fingerprint import ItemStore, file_digest, json_digest
+    from regionroute.seeds import item_seed
 
     for split in sorted(samples):
         if not (samples[split] / "manifest.jsonl").is_file():
             raise DataError(f"{samples[split] / 'manifest.jsonl'}: file not found (run the sample stage first)")
     prompt = cfg.instruction.format(style=style)
-    fp = fingerprint(cfg, models, style)
+    fp = fingerprint(cfg, models, style, code)
     counts = {}
     for split in sorted(samples):
         split_dir = out_dir / split
@@ -110,8 +96,15 @@ def stylize_splits(
             prepare_resumable_dir(split_dir, fp)
             (split_dir / "manifest.jsonl").unlink(missing_ok=True)
             store.prune({r["id"] for r in records}, ["images"])
-            keyed = [(r, json_digest([file_digest(samples[split] / r["image"]), cfg.seed + int(r["image_id"])]))
-                     for r in sorted(records, key=lambda r: r["id"])]  # fmt: skip
+            keyed = [
+                (
+                    r,
+                    json_digest(
+                        [file_digest(samples[split] / r["image"]), item_seed("stylize", cfg.seed, r["image_id"])]
+                    ),
+                )
+                for r in sorted(records, key=lambda r: r["id"])
+            ]
             return [(r, key) for r, key in keyed if not store.done(r["id"], key, [f"images/{r['id']}.png"])]
 
         todo = dist.plan(prepare)
@@ -121,7 +114,7 @@ def stylize_splits(
             for start in range(0, len(mine), cfg.batch_size):
                 batch = mine[start : start + cfg.batch_size]
                 images = [read_image(samples[split] / r["image"]) for r, _ in batch]
-                seeds = [cfg.seed + int(r["image_id"]) for r, _ in batch]
+                seeds = [item_seed("stylize", cfg.seed, r["image_id"]) for r, _ in batch]
                 outs = stylize_batch(pipe, images, [prompt] * len(batch), seeds, cfg)
                 for (r, key), out in zip(batch, outs, strict=True):
                     write_image(split_dir / "images" / f"{r['id']}.png", out)
@@ -136,7 +129,7 @@ def stylize_splits(
                         "id": r["id"],
                         "style": style,
                         "stylized": f"images/{r['id']}.png",
-                        "seed": cfg.seed + int(r["image_id"]),
+                        "seed": item_seed("stylize", cfg.seed, r["image_id"]),
                         "instruction": prompt,
                     }
                     for r in records

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from regionroute.config import LossConfig, TrainConfig
+from regionroute.config import LoraConfig, LossConfig, TrainConfig
 from regionroute.errors import UserError
 from regionroute.files import (
     atomic_dir,
@@ -61,30 +61,10 @@ from regionroute.files import (
 from regionroute.objective import Objective, TrainCache, probe_attention
 
 __all__ = [
-    "CODE_MODULES",
     "TrainingError",
     "train",
 ]
 
-#: Modules that define the trained experts (the regionroute/ deps of ``train`` in dvc.yaml).
-CODE_MODULES: tuple[str, ...] = (
-    "regionroute.train",
-    "regionroute.checkpoint",
-    "regionroute.objective",
-    "regionroute.distributed",
-    "regionroute.fingerprint",
-    "regionroute.lora_moe.*",
-    "regionroute.flux.*",
-    "regionroute.losses",
-    "regionroute.metrics.attention",
-    "regionroute.models",
-    "regionroute.models.kontext",
-    "regionroute.tiny.kontext",
-    "regionroute.tiny.text",
-    "regionroute.toy.latent",
-    "regionroute.files",
-    "regionroute.config",
-)
 #: train params that change neither the experts nor the logs: a run may resume across them.
 _NOT_IN_KEY = ("checkpoint_every", "keep_checkpoints")
 
@@ -109,7 +89,7 @@ def train(
     pipe: Any,
     cache: TrainCache,
     styles: tuple[str, ...],
-    lora_cfg: Any,
+    lora_cfg: LoraConfig,
     loss_cfg: LossConfig,
     cfg: TrainConfig,
     out_dir: Path,
@@ -117,116 +97,57 @@ def train(
     live_dir: Path | None = None,
     base_model: str = "",
     base_key: dict[str, str] | None = None,
+    code: str = "",
     on_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Train the experts; write the model to ``out_dir``; return the final logged values.
 
     ``base_model`` is the reference written to ``regionroute.json`` (what ``edit`` loads);
-    ``base_key`` its content key (:func:`regionroute.models.kontext.kontext_key`), part of
-    the resume key. The returned summary also holds ``probe_before/*`` and
-    ``probe_after/*``: the attention terms on a fixed batch (:func:`probe_attention`) at
-    the start and at the end of training.
-
-    ``on_step(step)`` is called after each optimizer step (tests use it to simulate a kill).
+    ``base_key`` its content key (:func:`regionroute.models.kontext.kontext_key`) and ``code``
+    the stage's code key, both part of the resume key. The summary also holds
+    ``probe_before/*`` and ``probe_after/*``: the attention terms on a fixed batch
+    (:func:`probe_attention`) at the start and the end. ``on_step(step)`` runs after each
+    optimizer step (tests simulate a kill with it).
     """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from diffusers.optimization import get_scheduler
-
-    from regionroute.checkpoint import checkpoints, load_state, save_checkpoint, trim_live_logs
-    from regionroute.fingerprint import code_digest
+    from regionroute.checkpoint import checkpoints, save_checkpoint
     from regionroute.flux.attention import StyleAttentionRecorder
-    from regionroute.lora_moe import RoutedTransformer, export_experts, inject_lora_moe, load_moe, save_moe
-    from regionroute.lora_moe.export import write_model_config
+    from regionroute.lora_moe import RoutedTransformer
 
-    # One process may train several configurations (tests, notebooks): the precision is per run.
-    # Only the accelerator settings are reset; the process group (PartialState) stays.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1, cpu=pipe._execution_device.type == "cpu"
-    )
-    transformer = pipe.transformer
-    transformer.requires_grad_(False)
-    # a checkpoint is resumed only by a run that would have produced it (ablations share the dir);
-    # rank 0 keys (or clears) the directory before any rank lists its checkpoints
-    if accelerator.is_main_process:
-        key = {
-            "base": base_key or {"reference": base_model},
-            "styles": list(styles),
-            "lora": asdict(lora_cfg),
-            "loss": asdict(loss_cfg),
-            "train": {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_KEY},
-            "data": cache.digest(),
-            "code": code_digest(CODE_MODULES),
-            "processes": accelerator.num_processes,
-        }
+    accelerator = _accelerator(cfg, pipe)
+    key = {"base": base_key or {"reference": base_model}, "styles": list(styles), "lora": asdict(lora_cfg),
+           "loss": asdict(loss_cfg), "train": {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_KEY},
+           "data": cache.digest(), "code": code, "processes": accelerator.num_processes}  # fmt: skip
+    if accelerator.is_main_process:  # rank 0 keys (or clears) the directory before any rank lists it
         prepare_resumable_dir(ckpt_dir, key)
     accelerator.wait_for_everyone()
-    ckpts = checkpoints(ckpt_dir)  # the same on every rank: nothing is written before the loop
-    state = load_state(ckpts[-1]) if ckpts else {"step": 0, "sums": {}, "last": {}, "n_empty_total": 0.0}
-    start = int(state["step"])
-    torch.manual_seed(cfg.seed)  # expert init (A ~ gaussian) is part of the run's seed
-    moe = load_moe(transformer, ckpts[-1] / "moe") if ckpts else inject_lora_moe(transformer, lora_cfg, styles)
-    if cfg.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
+    start, state, moe, optimizer = _restore(pipe.transformer, ckpt_dir, styles, lora_cfg, cfg)
     recorder = StyleAttentionRecorder(
         direction=loss_cfg.direction, normalize=loss_cfg.normalize, layers=loss_cfg.layers
     )
-    recorder.install(transformer)
-    optimizer = _make_optimizer(moe.trainable_parameters(), cfg)
-    if ckpts:
-        optimizer.load_state_dict(torch.load(ckpts[-1] / "optimizer.pt", weights_only=True))
-    scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps
-    )
-    with warnings.catch_warnings():  # fast-forward the schedule to the resumed step
-        warnings.simplefilter("ignore", UserWarning)
-        for _ in range(start):
-            scheduler.step()
-    # DDP wraps the transformer AND the learned gate: every trainable parameter is all-reduced
-    model, optimizer = accelerator.prepare(RoutedTransformer(moe), optimizer)
+    recorder.install(pipe.transformer)
+    scheduler = _scheduler(optimizer, cfg, start)
+    model, optimizer = accelerator.prepare(RoutedTransformer(moe), optimizer)  # DDP: experts AND the learned gate
     mean_over_ranks = None
     if accelerator.num_processes > 1:
         mean_over_ranks = lambda t: accelerator.reduce(t.detach().clone(), reduction="mean")  # noqa: E731
-    step_fn = Objective(pipe, model, moe, recorder, cache, cfg, loss_cfg, lora_cfg.balance_weight, mean_over_ranks)
-    # dvclive logs live beside the checkpoints (same fingerprint, survive a resume) and are
-    # copied to ``live_dir`` at the end (DVC deletes stage outputs before re-running a stage)
-    live = None
-    if accelerator.is_main_process and live_dir:
-        trim_live_logs(ckpt_dir / "dvclive", start)  # rows the interrupted run logged past its checkpoint
-        live = _live(ckpt_dir / "dvclive", resume=start > 0)
-    sums: dict[str, float] = dict(state["sums"])  # the current logging window (restored on resume)
-    last: dict[str, float] = dict(state["last"])
-    n_empty_total = float(state["n_empty_total"])
-    probe_path = ckpt_dir / "probe_before.json"  # the probe at step 0, kept across resumptions
-    if start > 0 and probe_path.is_file():
-        before = read_json(probe_path)
-    else:
-        before = probe_attention(step_fn)
-        if accelerator.is_main_process:
-            write_json(probe_path, before)
+    objective = Objective(pipe, model, moe, recorder, cache, cfg, loss_cfg, lora_cfg.balance_weight, mean_over_ranks)
+    log = _Log(accelerator, ckpt_dir, live_dir, start, state)
+    before = log.probe_before(objective, start)
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not accelerator.is_main_process)
     for step in range(start, cfg.steps):
         for micro in range(cfg.gradient_accumulation):
             # the global micro-batch is drawn from (seed, step, micro) alone; this rank takes its slice
             gen = torch.Generator().manual_seed(hash((cfg.seed, step, micro)) % 2**63)
-            draw = step_fn.draw(gen, cfg.batch_size, accelerator.num_processes, accelerator.process_index)
+            draw = objective.draw(gen, cfg.batch_size, accelerator.num_processes, accelerator.process_index)
             last_micro = micro == cfg.gradient_accumulation - 1
             with accelerator.no_sync(model) if not last_micro else nullcontext():  # all-reduce once per step
                 with accelerator.autocast():
-                    terms = step_fn(draw)
+                    terms = objective(draw)
                 values = _reduce_terms(accelerator, terms)  # the same on every rank: all stop together
                 if not np.isfinite(values["total"]):
-                    good = checkpoints(ckpt_dir)
-                    where = f"last good checkpoint: {good[-1]}" if good else "no checkpoint was written yet"
-                    shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-                    raise TrainingError(f"non-finite loss at step {step + 1} ({shown}); stopped, {where}")
+                    _stop(step, values, checkpoints(ckpt_dir))
                 accelerator.backward(terms["total"] / cfg.gradient_accumulation)
-            for k, v in values.items():  # n_empty: samples per step; the rest: mean over micro-batches
-                scale = 1.0 if k == "n_empty" else 1.0 / cfg.gradient_accumulation
-                sums[k] = sums.get(k, 0.0) + v * scale
-            n_empty_total += values.get("n_empty", 0.0)
+            log.add(values, cfg.gradient_accumulation)
         accelerator.clip_grad_norm_(moe.trainable_parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -234,58 +155,164 @@ def train(
         bar.update(1)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            window = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
-            last = {k: v / window for k, v in sums.items()}
-            last["lr"] = scheduler.get_last_lr()[0]
-            gates = moe.gate_weights()
-            if gates is not None:  # mean gate of the last micro-batch, over all ranks
-                q = accelerator.reduce(gates.mean(0).float(), reduction="mean")
-                last["router_entropy"] = float(-(q.clamp_min(1e-12).log() * q).sum())
-            bar.set_postfix(loss=f"{last['total']:.4f}")
-            if live is not None:
-                _log(live, last, done)
-            sums = {}
+            bar.set_postfix(loss=f"{log.flush(done, cfg.log_every, scheduler, moe)['total']:.4f}")
         if accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            loop_state = {"sums": sums, "last": last, "n_empty_total": n_empty_total}
-            save_checkpoint(ckpt_dir, done, moe, optimizer, loop_state, cfg.keep_checkpoints)
+            save_checkpoint(ckpt_dir, done, moe, optimizer, log.state(), cfg.keep_checkpoints)
         if on_step is not None:
             on_step(done)
     bar.close()
-    after = probe_attention(step_fn)
-    summary = {
-        **last,
-        "n_empty_total": n_empty_total,
-        **{f"probe_before/{k}": v for k, v in before.items()},
-        **{f"probe_after/{k}": v for k, v in after.items()},
-    }
-    if live is not None:
-        for k, v in summary.items():
-            if k.startswith("probe") or k == "n_empty_total":
-                live.summary[k] = v
-    recorder.remove(transformer)
+    summary = log.summary(before, probe_attention(objective))
+    recorder.remove(pipe.transformer)
     if accelerator.is_main_process:
-        with atomic_dir(out_dir) as tmp:
-            save_moe(moe, tmp / "moe")
-            export_experts(moe, tmp / "lora")
-            write_model_config(
-                tmp,
-                {
-                    "base_model": base_model,
-                    "styles": list(styles),
-                    "lora": asdict(lora_cfg),
-                    "loss": asdict(loss_cfg),
-                    "train": asdict(cfg),
-                    "processes": accelerator.num_processes,  # global batch = processes x train.batch_size
-                    "latent_hw": list(cache.latent_hw),
-                },
-            )
-        if live is not None:
-            live.make_summary()
-            live.end()
-            with atomic_dir(live_dir) as tmp:
-                shutil.copytree(ckpt_dir / "dvclive", tmp, dirs_exist_ok=True)
+        _export(out_dir, moe, base_model, styles, lora_cfg, loss_cfg, cfg, accelerator.num_processes, cache)
+        log.finish(live_dir)
     accelerator.wait_for_everyone()  # the model is written when any rank returns
     return summary
+
+
+def _accelerator(cfg: TrainConfig, pipe: Any) -> Any:
+    """A fresh accelerator for this run (one process may train several configurations: tests, notebooks)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)  # the precision is per run; the process group stays
+    cpu = pipe._execution_device.type == "cpu"
+    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1, cpu=cpu)
+
+
+def _restore(
+    transformer: Any, ckpt_dir: Path, styles: tuple[str, ...], lora_cfg: LoraConfig, cfg: TrainConfig
+) -> tuple[int, dict[str, Any], Any, torch.optim.Optimizer]:
+    """(start step, loop state, experts, optimizer): from the last checkpoint, or fresh."""
+    from regionroute.checkpoint import checkpoints, load_state
+    from regionroute.lora_moe import inject_lora_moe, load_moe
+
+    transformer.requires_grad_(False)
+    ckpts = checkpoints(ckpt_dir)  # the same on every rank: nothing is written before the loop
+    state = load_state(ckpts[-1]) if ckpts else {"step": 0, "sums": {}, "last": {}, "n_empty_total": 0.0}
+    torch.manual_seed(cfg.seed)  # expert init (A ~ gaussian) is part of the run's seed
+    moe = load_moe(transformer, ckpts[-1] / "moe") if ckpts else inject_lora_moe(transformer, lora_cfg, styles)
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    optimizer = _make_optimizer(moe.trainable_parameters(), cfg)
+    if ckpts:
+        optimizer.load_state_dict(torch.load(ckpts[-1] / "optimizer.pt", weights_only=True))
+    return int(state["step"]), state, moe, optimizer
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, start: int) -> Any:
+    """The LR schedule, fast-forwarded to the resumed step."""
+    from diffusers.optimization import get_scheduler
+
+    scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps
+    )
+    with warnings.catch_warnings():  # "step() before optimizer.step()": nothing is trained here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(start):
+            scheduler.step()
+    return scheduler
+
+
+def _stop(step: int, values: dict[str, float], good: list[Path]) -> None:
+    where = f"last good checkpoint: {good[-1]}" if good else "no checkpoint was written yet"
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+    raise TrainingError(f"non-finite loss at step {step + 1} ({shown}); stopped, {where}")
+
+
+class _Log:
+    """The logging window's sums, the last logged values and the dvclive run (rank 0), restored on resume.
+
+    dvclive logs live beside the checkpoints (same key, they survive a resume) and are copied
+    to ``live_dir`` at the end (DVC deletes stage outputs before re-running a stage).
+    """
+
+    def __init__(self, accelerator: Any, ckpt_dir: Path, live_dir: Path | None, start: int, state: dict) -> None:
+        from regionroute.checkpoint import trim_live_logs
+
+        self.accelerator, self.ckpt_dir = accelerator, ckpt_dir
+        self.sums: dict[str, float] = dict(state["sums"])  # the current logging window
+        self.last: dict[str, float] = dict(state["last"])
+        self.n_empty_total = float(state["n_empty_total"])
+        self.live = None
+        if accelerator.is_main_process and live_dir:
+            trim_live_logs(ckpt_dir / "dvclive", start)  # rows the interrupted run logged past its checkpoint
+            from dvclive import Live
+
+            self.live = Live(dir=str(ckpt_dir / "dvclive"), resume=start > 0, save_dvc_exp=False, dvcyaml=None)
+
+    def probe_before(self, objective: Objective, start: int) -> dict[str, float]:
+        """The probe at step 0, kept across resumptions."""
+        path = self.ckpt_dir / "probe_before.json"
+        if start > 0 and path.is_file():
+            return read_json(path)
+        before = probe_attention(objective)
+        if self.accelerator.is_main_process:
+            write_json(path, before)
+        return before
+
+    def add(self, values: dict[str, float], accumulation: int) -> None:
+        """One micro-batch: ``n_empty`` summed per step, the rest averaged over the micro-batches."""
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v * (1.0 if k == "n_empty" else 1.0 / accumulation)
+        self.n_empty_total += values.get("n_empty", 0.0)
+
+    def flush(self, done: int, every: int, scheduler: Any, moe: Any) -> dict[str, float]:
+        """Close the window ending at step ``done``: its means, the LR, the router's entropy; logged."""
+        window = every if done % every == 0 else done % every
+        self.last = {k: v / window for k, v in self.sums.items()}
+        self.last["lr"] = scheduler.get_last_lr()[0]
+        gates = moe.gate_weights()
+        if gates is not None:  # mean gate of the last micro-batch, over all ranks
+            q = self.accelerator.reduce(gates.mean(0).float(), reduction="mean")
+            self.last["router_entropy"] = float(-(q.clamp_min(1e-12).log() * q).sum())
+        if self.live is not None:
+            self.live.step = done
+            for k, v in self.last.items():
+                self.live.log_metric(f"train/{k}", float(v))
+            self.live.make_summary()  # metrics.json = the latest values
+        self.sums = {}
+        return self.last
+
+    def state(self) -> dict[str, Any]:
+        return {"sums": self.sums, "last": self.last, "n_empty_total": self.n_empty_total}
+
+    def summary(self, before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        summary = {**self.last, "n_empty_total": self.n_empty_total,
+                   **{f"probe_before/{k}": v for k, v in before.items()},
+                   **{f"probe_after/{k}": v for k, v in after.items()}}  # fmt: skip
+        if self.live is not None:
+            for k, v in summary.items():
+                if k.startswith("probe") or k == "n_empty_total":
+                    self.live.summary[k] = v
+        return summary
+
+    def finish(self, live_dir: Path | None) -> None:
+        if self.live is None or live_dir is None:
+            return
+        self.live.make_summary()
+        self.live.end()
+        with atomic_dir(live_dir) as tmp:
+            shutil.copytree(self.ckpt_dir / "dvclive", tmp, dirs_exist_ok=True)
+
+
+def _export(
+    out_dir: Path, moe: Any, base_model: str, styles: tuple[str, ...], lora_cfg: LoraConfig, loss_cfg: LossConfig,
+    cfg: TrainConfig, processes: int, cache: TrainCache,
+) -> None:  # fmt: skip
+    """The trained model: the whole MoE, one diffusers LoRA per expert, and ``regionroute.json``."""
+    from regionroute.lora_moe import export_experts, save_moe
+    from regionroute.lora_moe.export import write_model_config
+
+    with atomic_dir(out_dir) as tmp:
+        save_moe(moe, tmp / "moe")
+        export_experts(moe, tmp / "lora")
+        write_model_config(tmp, {
+            "base_model": base_model, "styles": list(styles), "lora": asdict(lora_cfg), "loss": asdict(loss_cfg),
+            "train": asdict(cfg), "processes": processes,  # global batch = processes x train.batch_size
+            "latent_hw": list(cache.latent_hw),
+        })  # fmt: skip
 
 
 def _reduce_terms(accelerator: Any, terms: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -296,16 +323,3 @@ def _reduce_terms(accelerator: Any, terms: dict[str, torch.Tensor]) -> dict[str,
         vec = accelerator.reduce(vec, reduction="sum")
     n = accelerator.num_processes
     return {k: v if k == "n_empty" else v / n for k, v in zip(names, vec.tolist(), strict=True)}
-
-
-def _live(live_dir: Path, resume: bool) -> Any:
-    from dvclive import Live
-
-    return Live(dir=str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None)
-
-
-def _log(live: Any, values: dict[str, float], step: int) -> None:
-    live.step = step
-    for k, v in values.items():
-        live.log_metric(f"train/{k}", float(v))
-    live.make_summary()  # metrics.json = the latest values

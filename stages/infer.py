@@ -58,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
 
             moe = load_moe(pipe.transformer, args.model / "moe")
         editor = Editor(pipe, cfg, moe=moe, merge=cfg.merge_expert)
-    n = run_method(args.method, args.records, args.out, cfg, editor, models=models, model_dir=args.model)
+    from regionroute.fingerprint import stage_code_digest
+
+    n = run_method(
+        args.method, args.records, args.out, cfg, editor, models=models, model_dir=args.model,
+        code=stage_code_digest("infer"),
+    )  # fmt: skip
     if dist.is_main():
         print(f"infer {args.method}: generated {n} images in {args.out}")
     return 0

@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     dist.state(models.device)  # one process, or this rank of `accelerate launch` (before loading models)
     with dist.main_first():
         pipe = load_kontext(models)
-    done = stylize_splits(pipe, samples, args.out, args.style, cfg, models)
+    from regionroute.fingerprint import stage_code_digest
+
+    done = stylize_splits(pipe, samples, args.out, args.style, cfg, models, stage_code_digest("stylize"))
     if dist.is_main():
         print(f"stylize {args.style}: generated {sum(done.values())} images in {args.out}")
     return 0

@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     from regionroute.toy.pretrain import pretrain
 
     pipe = build_toy_kontext(cfg, seed=cfg.seed)
-    last = pretrain(pipe, cfg, args.out, args.checkpoints, args.live)
+    from regionroute.fingerprint import stage_code_digest
+
+    last = pretrain(pipe, cfg, args.out, args.checkpoints, args.live, stage_code_digest("base", "toy/dvc.yaml"))
     shutil.rmtree(args.checkpoints, ignore_errors=True)  # only an interrupted run resumes: --force starts afresh
     print(f"toy base: wrote {args.out} (final loss {last.get('loss', float('nan')):.4f})")
     return 0

@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from regionroute import distributed as dist
+    from regionroute.fingerprint import stage_code_digest
     from regionroute.models.kontext import kontext_key, load_kontext
     from regionroute.objective import encode_dataset
     from regionroute.train import train
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe.vae = pipe.text_encoder = pipe.text_encoder_2 = None
     summary = train(
         pipe, cache, data.styles, lora, loss, cfg, args.out, args.checkpoints, args.live,
-        base_model=models.kontext, base_key=kontext_key(models),
+        base_model=models.kontext, base_key=kontext_key(models), code=stage_code_digest("train"),
     )  # fmt: skip
     shown = {k: round(v, 5) for k, v in summary.items() if k.startswith(("probe", "total"))}
     if dist.is_main():

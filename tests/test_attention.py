@@ -11,7 +11,8 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 from regionroute.errors import ConfigError
 from regionroute.flux import attention_maps
 from regionroute.flux.attention import StyleAttentionRecorder, StyleAttnProcessor
-from regionroute.losses import AttentionLossConfig, attention_losses
+from regionroute.config import LossConfig
+from regionroute.losses import attention_losses
 from regionroute.metrics.attention import attention_mass_inside
 
 L, GH, GW = 8, 3, 4  # text tokens, target token grid
@@ -252,7 +253,7 @@ def test_attention_losses_sgd_raise_mass_inside_mask():
     for _ in range(8):
         with rec.capture(style_mask(), n_text=L, n_target=N):
             tr(**inp)
-        terms = attention_losses(rec.maps(), masks, AttentionLossConfig())
+        terms = attention_losses(rec.maps(), masks, LossConfig())
         mass.append(float(attention_mass_inside(rec.maps(), masks).mean()))
         opt.zero_grad()
         (terms["focus"] + terms["cover"]).backward()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from regionroute.errors import ConfigError
-from regionroute.losses import AttentionLossConfig, attention_losses, cover_bce, downsample_mask, focus_kl
+from regionroute.config import LossConfig
+from regionroute.losses import attention_losses, cover_bce, downsample_mask, focus_kl
 from regionroute.metrics.attention import attention_iou, attention_localization, attention_mass_inside
 
 
@@ -44,7 +45,7 @@ def test_focus_is_zero_at_the_normalized_mask_and_positive_elsewhere():
 
 def test_cover_prefers_the_mask_over_its_complement():
     m = masks_2x()
-    for cfg in (AttentionLossConfig(), AttentionLossConfig(cover_map="official_logits")):
+    for cfg in (LossConfig(), LossConfig(cover_map="official_logits")):
         good = cover_bce(m * 2e-4 + 1e-5, m, cfg.cover_map, cfg.alpha)
         bad = cover_bce((1 - m) * 2e-4 + 1e-5, m, cfg.cover_map, cfg.alpha)
         assert (good < bad).all(), cfg
@@ -89,13 +90,13 @@ def test_per_sample_pairing_and_extra_dims():
 
 def test_config_validation():
     with pytest.raises(ConfigError, match="focus_distribution"):
-        AttentionLossConfig(focus_distribution="kl")
+        LossConfig(focus_distribution="kl")
     with pytest.raises(ConfigError, match="cover_map"):
-        AttentionLossConfig(cover_map="bce")
+        LossConfig(cover_map="bce")
     with pytest.raises(ConfigError, match="tau"):
-        AttentionLossConfig(tau=0.0)
+        LossConfig(tau=0.0)
     with pytest.raises(AttributeError):
-        AttentionLossConfig().tau = 1.0  # frozen
+        LossConfig().tau = 1.0  # frozen
 
 
 def test_localization_metrics():

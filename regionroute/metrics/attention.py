@@ -28,7 +28,10 @@ import torch
 from regionroute.errors import ConfigError
 from regionroute.losses import pair_maps_masks
 
-__all__ = ["attention_iou", "attention_localization", "attention_mass_inside"]
+__all__ = ["ATTENTION_COLUMNS", "attention_iou", "attention_localization", "attention_mass_inside"]
+
+#: The localization columns of the ``score`` stage, per sample.
+ATTENTION_COLUMNS: tuple[str, ...] = ("attn_mass_in", "attn_iou")
 
 Threshold = Literal["mean", "area"]
 

@@ -66,7 +66,6 @@ RSES_COLUMNS: tuple[str, ...] = (
     "ssim_bg",
     "mse_bg_piebench",
     "lpips_bg_piebench",
-    "bg_fraction",
 )
 
 
@@ -188,7 +187,7 @@ class RSESScorer:
         pseudo_gt: Sequence[np.ndarray | None] | None = None,
         ids: Sequence[str] | None = None,
     ) -> pd.DataFrame:
-        """One row per sample: ``id``, ``style`` and :data:`RSES_COLUMNS`.
+        """One row per sample: ``id``, ``style``, :data:`RSES_COLUMNS` and ``bg_fraction``.
 
         ``edited`` / ``sources`` / ``pseudo_gt``: (H, W, 3) uint8, same size per sample
         (sizes may differ between samples); ``masks``: (H, W) bool target regions.
@@ -206,7 +205,7 @@ class RSESScorer:
             if pseudo[i] is not None:
                 _check_pair(pseudo[i], masks[i], f"sample {ids[i]}: pseudo_gt")
         if n == 0:
-            return pd.DataFrame(columns=["id", "style", *RSES_COLUMNS])
+            return pd.DataFrame(columns=["id", "style", *RSES_COLUMNS, "bg_fraction"])
 
         region = self.region_embeddings(edited, masks)  # (N, D)
         texts = torch.stack([self.text_embedding(s) for s in styles])  # (N, D)
@@ -238,7 +237,7 @@ class RSESScorer:
             row["lpips_bg_piebench"] = float(masked[i].mean())
             row.update(pixel_metrics(edited[i], sources[i], bg))
             rows.append(row)
-        return pd.DataFrame(rows, columns=["id", "style", *RSES_COLUMNS])
+        return pd.DataFrame(rows, columns=["id", "style", *RSES_COLUMNS, "bg_fraction"])
 
 
 def _mse_inside(a: np.ndarray, b: np.ndarray | None, mask: np.ndarray) -> float:

@@ -31,13 +31,13 @@ from typing import Any
 
 import torch
 
-from regionroute.config import _Section
+from regionroute.config import Section
 
 __all__ = ["BaseConfig", "build_toy_kontext"]
 
 
 @dataclass(frozen=True)
-class BaseConfig(_Section):
+class BaseConfig(Section):
     """``toy/params.yaml: base:`` the toy base's architecture and its pretraining."""
 
     _section: typing.ClassVar[str] = "base"
@@ -116,8 +116,10 @@ def build_toy_kontext(cfg: BaseConfig, seed: int = 0) -> Any:  # -> FluxKontextP
         with torch.no_grad():
             for block in tiny.text_encoder_2.encoder.block:
                 block.layer[0].SelfAttention.o.weight.mul_(cfg.text_mixing)
+    from regionroute.seeds import torch_seed
+
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(torch_seed("base", seed))  # the init; pretraining steps are keyed by their step
         transformer = FluxTransformer2DModel(
             patch_size=1,
             in_channels=4 * cfg.latent_channels,

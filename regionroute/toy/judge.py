@@ -35,15 +35,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from regionroute.config import _Section
+from regionroute.config import Section
 
-__all__ = ["JudgeConfig", "judge_config", "make_crops", "train_judge"]
+__all__ = ["JudgeConfig", "judge_config", "make_crops", "step_rng", "train_judge"]
 
 WEIGHTS_NAME = "open_clip_model.safetensors"
 
 
 @dataclass(frozen=True)
-class JudgeConfig(_Section):
+class JudgeConfig(Section):
     """``toy/params.yaml: judge:``."""
 
     _section: typing.ClassVar[str] = "judge"
@@ -110,10 +110,18 @@ def make_crops(rng: np.random.Generator, n: int, size: int, classes: int) -> tup
     return crops, labels
 
 
+def step_rng(cfg: JudgeConfig, step: int) -> np.random.Generator:
+    """The generator of one training step's crops (the seed scheme's ``judge/train`` stream)."""
+    from regionroute.seeds import stream
+
+    return stream("judge/train", cfg.seed, step)
+
+
 def _evaluate(model: Any, preprocess: Any, texts: torch.Tensor, cfg: JudgeConfig, classes: int) -> dict[str, float]:
+    from regionroute.seeds import stream
     from regionroute.toy.filters import STYLES
 
-    rng = np.random.default_rng([cfg.seed, 2**31])  # a stream training never draws
+    rng = stream("judge/eval", cfg.seed)
     crops, labels = make_crops(rng, cfg.eval_per_class * classes, cfg.size, classes)
     with torch.no_grad():
         t = model.encode_text(texts, normalize=True)
@@ -134,9 +142,10 @@ def train_judge(cfg: JudgeConfig, out_dir: Path) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from regionroute.files import atomic_dir
+    from regionroute.seeds import torch_seed
     from regionroute.toy.filters import STYLES
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(torch_seed("judge/train", cfg.seed))  # the init; each step's crops are keyed by the step
     model_cfg = judge_config(cfg)
     model = open_clip.model.CLIP(**model_cfg)
     pp = _preprocess_cfg()
@@ -151,7 +160,7 @@ def train_judge(cfg: JudgeConfig, out_dir: Path) -> dict[str, Any]:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=cfg.steps, pct_start=0.1)
     model.train()
     for step in tqdm(range(cfg.steps), desc="toy judge", unit="step"):
-        rng = np.random.default_rng([cfg.seed, step])
+        rng = step_rng(cfg, step)
         crops, labels = make_crops(rng, cfg.batch_size, cfg.size, len(names))
         pix = torch.stack([preprocess(Image.fromarray(c)) for c in crops])
         img = model.encode_image(pix, normalize=True)

@@ -48,22 +48,10 @@ from tqdm import tqdm
 from regionroute.files import atomic_dir, prepare_resumable_dir, read_json, write_json
 from regionroute.toy.base import BaseConfig
 
-__all__ = ["CODE_MODULES", "TONES", "PromptTable", "make_batch", "pretrain", "tone_edit"]
+__all__ = ["TONES", "PromptTable", "make_batch", "pretrain", "step_rng", "tone_edit"]
 
 #: Local non-style edits of the named object (besides recolouring), pixel-wise or 3 x 3.
 TONES: tuple[str, ...] = ("grayscale", "negative", "blurry")
-
-#: Modules that define the trained base (the regionroute/ deps of the toy ``base`` stage).
-CODE_MODULES: tuple[str, ...] = (
-    "regionroute.toy.pretrain",
-    "regionroute.toy.base",
-    "regionroute.toy.latent",
-    "regionroute.toy.scenes",
-    "regionroute.toy.filters",
-    "regionroute.flux.flow",
-    "regionroute.tiny.kontext",
-    "regionroute.tiny.text",
-)
 
 
 class PromptTable:
@@ -160,6 +148,13 @@ def make_batch(rng: np.random.Generator, cfg: BaseConfig, n: int) -> dict[str, A
     return {"context": x, "target": target, "prompts": prompts, "tasks": torch.from_numpy(tasks)}
 
 
+def step_rng(cfg: BaseConfig, step: int) -> np.random.Generator:
+    """The generator of one pretraining step (the seed scheme's ``base`` stream, keyed by the step)."""
+    from regionroute.seeds import stream
+
+    return stream("base", cfg.seed, step)
+
+
 _TASKS = ("loss_image_style", "loss_object_style", "loss_colour", "loss_tone")  # per-task logs, by task code
 
 
@@ -185,18 +180,22 @@ def _checkpoint(ckpt_dir: Path, step: int, transformer: Any, optimizer: Any, sum
         shutil.rmtree(old)
 
 
-def pretrain(pipe: Any, cfg: BaseConfig, out_dir: Path, ckpt_dir: Path, live_dir: Path | None = None) -> dict:
-    """Train ``pipe.transformer``; save the whole pipeline to ``out_dir``; return the last logged values."""
+def pretrain(
+    pipe: Any, cfg: BaseConfig, out_dir: Path, ckpt_dir: Path, live_dir: Path | None = None, code: str = ""
+) -> dict:
+    """Train ``pipe.transformer``; save the whole pipeline to ``out_dir``; return the last logged values.
+
+    ``code``: the stage's code key, part of the checkpoints' key with the params.
+    """
     from diffusers.optimization import get_scheduler
     from safetensors.torch import load_file
 
     from regionroute.checkpoint import trim_live_logs
-    from regionroute.fingerprint import code_digest
     from regionroute.flux.flow import FlowSchedule, flow_loss, kontext_image_ids, noisy, transformer_inputs
     from regionroute.toy.filters import STYLES
     from regionroute.toy.scenes import CATEGORIES, COLOURS
 
-    prepare_resumable_dir(ckpt_dir, {"base": asdict(cfg), "code": code_digest(CODE_MODULES)})
+    prepare_resumable_dir(ckpt_dir, {"base": asdict(cfg), "code": code})
     transformer = pipe.transformer
     table = PromptTable(
         pipe, [c[1] for c in CATEGORIES], list(COLOURS) + list(TONES), list(STYLES), cfg.max_sequence_length
@@ -229,7 +228,7 @@ def pretrain(pipe: Any, cfg: BaseConfig, out_dir: Path, ckpt_dir: Path, live_dir
     last: dict[str, float] = {}
     lo, hi = cfg.guidance_range
     for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="toy base", unit="step"):
-        rng = np.random.default_rng([cfg.seed, step])
+        rng = step_rng(cfg, step)  # scenes, tasks, then the torch draws of this step
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         batch = make_batch(rng, cfg, cfg.batch_size)
         with torch.no_grad():

@@ -1,32 +1,20 @@
-"""Procedural scenes of the toy world: textured backgrounds, 1-3 objects, instance masks, COCO export.
+"""Procedural scenes of the toy world: a textured background, 1-3 objects of six COCO categories, exact masks.
 
-Used on the fly by the toy base's pretraining (:mod:`regionroute.toy.pretrain`) and the
-judge's (:mod:`regionroute.toy.judge`), and by the toy pipeline's ``scenes`` stage, which
-writes the COCO-format dataset the main pipeline's ``sample`` stage reads (``data/toy``).
-
-A scene: a sky/ground background with a gradient and one of four textures (noise,
-stripes, checks, blobs) in one of several palettes, then 1-3 non-overlapping objects of
-six COCO categories with distinct silhouettes, each filled with one of the
-:data:`COLOURS`, shaded, and carrying its category's surface pattern (a car's
-horizontal bands, a cat's vertical stripes, a dog's spots ...), as real objects carry
-their own textures; object areas are mostly 3-15% of the image. Each instance mask is
-exactly the pixels drawn for it (what the recolour edit and the composite use), and the
-COCO export stores it as RLE, so the main pipeline's ``sample`` stage reads it back exactly.
+Rendered on the fly by the toy base's and judges' training (:mod:`regionroute.toy.pretrain`,
+:mod:`regionroute.toy.judge`), and written as the COCO-format dataset ``data/toy`` by the toy
+pipeline's ``scenes`` stage (:func:`regionroute.data.synthetic.write_coco_split`). Each object
+carries its category's silhouette and surface pattern; its mask is exactly the pixels drawn.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from regionroute.files import atomic_path, write_json
-
-__all__ = ["CATEGORIES", "COLOURS", "Scene", "render_batch", "render_scene", "write_coco_dataset"]
+__all__ = ["CATEGORIES", "COLOURS", "SCALES", "Scene", "caption", "render_batch", "render_scene"]
 
 #: (COCO id, name, supercategory): real COCO 2017 ids, so names and ids match COCO.
 CATEGORIES: tuple[tuple[int, str, str], ...] = (
@@ -49,15 +37,16 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 _SKIES = ((120, 170, 230), (200, 210, 230), (250, 190, 140), (90, 110, 160))
 _GROUNDS = ((80, 150, 70), (170, 150, 110), (110, 110, 115), (150, 120, 90))
-_SCALES = (0.14, 0.18, 0.23, 0.29, 0.36)  # half-size over the image side: areas ~2-20%
+#: Object half-sizes over the image's short side: areas ~2-20% of the image.
+SCALES: tuple[float, ...] = (0.14, 0.18, 0.23, 0.29, 0.36)
 
 
 @dataclass(frozen=True)
 class Scene:
     """One procedural image with its objects."""
 
-    image: np.ndarray  # (S, S, 3) uint8
-    masks: np.ndarray  # (K, S, S) bool, one per instance, non-overlapping, K in 1..3
+    image: np.ndarray  # (H, W, 3) uint8
+    masks: np.ndarray  # (K, H, W) bool, one per instance, non-overlapping, K in 1..3
     objects: tuple[str, ...]  # category name per instance
     colours: tuple[str, ...]  # colour name per instance
     polygons: tuple[list[list[float]], ...]  # COCO polygons per instance
@@ -97,9 +86,9 @@ def _shape(name: str, cx: float, cy: float, s: float) -> list[list[float]]:
     raise ValueError(f"unknown category {name!r}")
 
 
-def _pattern(name: str, size: int, rng: np.random.Generator, cx: float) -> np.ndarray:
-    """The category's surface pattern as a brightness factor (S, S) around 1."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+def _pattern(name: str, hw: tuple[int, int], rng: np.random.Generator, cx: float) -> np.ndarray:
+    """The category's surface pattern as a brightness factor (H, W) around 1."""
+    yy, xx = np.mgrid[0 : hw[0], 0 : hw[1]].astype(np.float32)
     phase = float(rng.uniform(0, 2 * math.pi))
     if name == "car":  # horizontal bands
         return 1.0 + 0.28 * np.sign(np.sin(yy * 1.3 + phase))
@@ -114,17 +103,18 @@ def _pattern(name: str, size: int, rng: np.random.Generator, cx: float) -> np.nd
     return 1.0 + 0.35 * (np.abs(xx - cx + 1.5) < 1.2)  # bottle: a vertical highlight
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _background(rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
+    size, width = hw
     horizon = int(size * rng.uniform(0.3, 0.65))
     sky = np.array(_SKIES[int(rng.integers(len(_SKIES)))], dtype=np.float32)
     ground = np.array(_GROUNDS[int(rng.integers(len(_GROUNDS)))], dtype=np.float32)
     y = np.arange(size, dtype=np.float32)[:, None, None]
     img = np.where(y < horizon, sky * (0.75 + 0.25 * y / max(horizon, 1)), ground * (1 - 0.35 * (y - horizon) / size))
-    img = np.broadcast_to(img, (size, size, 3)).copy()
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    img = np.broadcast_to(img, (size, width, 3)).copy()
+    yy, xx = np.mgrid[0:size, 0:width].astype(np.float32)
     kind = int(rng.integers(4))
     if kind == 0:
-        tex = rng.normal(0, 12, (size, size, 1))
+        tex = rng.normal(0, 12, (size, width, 1))
     elif kind == 1:
         tex = 14 * np.sin(yy * rng.uniform(0.5, 1.2) + xx * rng.uniform(-0.3, 0.3))[..., None]
     elif kind == 2:
@@ -136,20 +126,28 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(img + tex, 0, 255)
 
 
-def render_scene(rng: np.random.Generator, size: int = 64) -> Scene:
-    """One scene; deterministic for a given ``rng`` state."""
-    img = _background(rng, size)
-    taken = np.zeros((size, size), dtype=bool)
+def render_scene(
+    rng: np.random.Generator, size: int | tuple[int, int] = 64, scales: tuple[float, ...] = SCALES, margin: float = 0.12
+) -> Scene:
+    """One scene of ``size`` (S, or (W, H)); deterministic for a given ``rng`` state.
+
+    Object centres lie at least ``margin`` of the image from its border; half-sizes are
+    ``scales`` times the short side.
+    """
+    w, h = (size, size) if isinstance(size, int) else size
+    img = _background(rng, (h, w))
+    taken = np.zeros((h, w), dtype=bool)
     masks, objects, colours, polys = [], [], [], []
     n_obj = int(rng.integers(1, 4))
     for _ in range(30):  # rejection sampling of non-overlapping placements
         if len(masks) == n_obj:
             break
         name = CATEGORIES[int(rng.integers(len(CATEGORIES)))][1]
-        s = size * float(rng.choice(_SCALES))
-        cx, cy = rng.uniform(0.12 * size, 0.88 * size, 2)
-        poly = [[round(float(np.clip(v, 0, size - 1)), 2) for v in p] for p in _shape(name, cx, cy, s)]
-        sil = Image.new("L", (size, size), 0)
+        s = min(w, h) * float(rng.choice(scales))
+        cx, cy = rng.uniform(margin, 1 - margin, 2) * (w, h)
+        poly = [[round(float(np.clip(v, 0, (w if i % 2 == 0 else h) - 1)), 2) for i, v in enumerate(p)]
+                for p in _shape(name, cx, cy, s)]  # fmt: skip
+        sil = Image.new("L", (w, h), 0)
         draw = ImageDraw.Draw(sil)
         for p in poly:
             draw.polygon(list(zip(p[0::2], p[1::2], strict=True)), fill=255)
@@ -158,9 +156,9 @@ def render_scene(rng: np.random.Generator, size: int = 64) -> Scene:
         if mask.sum() < 12 or (grown & taken).any():
             continue
         colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
-        shade = 0.8 + 0.35 * (np.arange(size, dtype=np.float32)[:, None] - cy + s) / (2 * s)  # light from above
+        shade = 0.8 + 0.35 * (np.arange(h, dtype=np.float32)[:, None] - cy + s) / (2 * s)  # light from above
         fill = np.array(COLOURS[colour], dtype=np.float32) * np.clip(shade, 0.6, 1.2)[..., None]
-        fill = fill * _pattern(name, size, rng, float(cx))[..., None]
+        fill = fill * _pattern(name, (h, w), rng, float(cx))[..., None]
         img[mask] = np.clip(fill[mask] + (30 if colour == "black" else 0), 0, 255)
         taken |= mask
         masks.append(mask)
@@ -168,56 +166,16 @@ def render_scene(rng: np.random.Generator, size: int = 64) -> Scene:
         colours.append(colour)
         polys.append(poly)
     if not masks:  # extremely unlikely; draw again from the same stream
-        return render_scene(rng, size)
+        return render_scene(rng, size, scales, margin)
     return Scene(np.asarray(img, dtype=np.uint8), np.stack(masks), tuple(objects), tuple(colours), tuple(polys))
 
 
 def render_batch(rng: np.random.Generator, n: int, size: int = 64) -> list[Scene]:
-    """``n`` scenes from one generator."""
+    """``n`` square scenes from one generator."""
     return [render_scene(rng, size) for _ in range(n)]
 
 
-def _caption(scene: Scene) -> str:
+def caption(scene: Scene) -> str:
+    """A COCO-style caption naming the scene's objects and colours."""
     things = [f"a {c} {o}" for o, c in zip(scene.objects, scene.colours, strict=True)]
     return " and ".join(things) + " in a field."
-
-
-def write_coco_dataset(root: Path, n_train: int, n_val: int, size: int = 64, seed: int = 0) -> dict[str, Any]:
-    """The COCO 2017 layout ``sample`` reads: annotations/{instances,captions}_{train,val}.json, PNG images.
-
-    Segmentations are COCO RLE of the exact drawn masks (at 64 px, rasterising the
-    polygons back loses up to a third of a small object: IoU 0.67 at worst).
-    """
-    from pycocotools import mask as mask_utils
-
-    root = Path(root)
-    ids = {name: cid for cid, name, _ in CATEGORIES}
-    categories = [{"id": i, "name": n, "supercategory": s} for i, n, s in CATEGORIES]
-    image_id, ann_id = 1, 1
-    stats: dict[str, Any] = {}
-    for split, n in (("train", n_train), ("val", n_val)):
-        rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-        images, anns, caps = [], [], []
-        for scene in render_batch(rng, n, size):
-            file_name = f"{image_id:012d}.png"
-            with atomic_path(root / split / file_name) as tmp:
-                Image.fromarray(scene.image).save(tmp, format="PNG")
-            images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
-            for mask, obj in zip(scene.masks, scene.objects, strict=True):
-                ys, xs = np.nonzero(mask)
-                bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
-                rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))  # exact: polygons are not at 64 px
-                rle["counts"] = rle["counts"].decode("ascii")
-                anns.append({"id": ann_id, "image_id": image_id, "category_id": ids[obj], "segmentation": rle,
-                             "area": float(mask.sum()), "bbox": bbox, "iscrowd": 0})  # fmt: skip
-                ann_id += 1
-            caps.append({"id": image_id, "image_id": image_id, "caption": _caption(scene)})
-            image_id += 1
-        info = {"description": "RegionRoute toy world scenes (COCO format)", "version": "1.0"}
-        write_json(root / "annotations" / f"instances_{split}.json",
-                   {"info": info, "images": images, "annotations": anns, "categories": categories})  # fmt: skip
-        write_json(
-            root / "annotations" / f"captions_{split}.json", {"info": info, "images": images, "annotations": caps}
-        )
-        stats[split] = {"images": len(images), "instances": len(anns)}
-    return stats

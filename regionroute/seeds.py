@@ -1,10 +1,9 @@
-"""The toy world's one seed scheme: every random stream is named by its purpose (docs/toy.md, "Seeds").
+"""One seed scheme: every random stream of the project is named by its purpose (docs/toy.md, "Seeds").
 
-``stream(purpose, seed, *keys)`` is a numpy ``Generator`` over
-``SeedSequence([purpose id, seed, *keys])``; the purpose id is a fixed hash of the
-purpose's name, one of :data:`PURPOSES`. Two purposes never share a stream, whatever
-their seeds and keys (``tests/test_toy_seeds.py`` checks that no purpose renders a scene
-of the evaluated splits).
+``stream(purpose, seed, *keys)`` is a numpy ``Generator`` over ``SeedSequence([purpose id,
+seed, *keys])``, the purpose id a fixed hash of its name (one of :data:`PURPOSES`): two
+purposes never share a stream, whatever their seeds and keys (tests/test_seeds.py checks
+that nothing renders a scene of the evaluated splits).
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import hashlib
 
 import numpy as np
 
-__all__ = ["PURPOSES", "purpose_id", "stream", "torch_seed"]
+__all__ = ["PURPOSES", "item_seed", "purpose_id", "stream", "torch_seed"]
 
 #: Every purpose that draws random numbers in the toy world.
 PURPOSES: tuple[str, ...] = (
@@ -26,6 +25,12 @@ PURPOSES: tuple[str, ...] = (
     "vlm/train",  # the toy VLM judge's training examples
     "vlm/eval",  # its held-out accuracy on generated examples
     "evaluate",  # the toy base's quality report
+    "tiny/data",  # the tiny test dataset (data/tiny)
+    "stylize",  # the pseudo-GT's noise, per image (stage stylize)
+    "infer",  # the evaluation's noise, per image, the same for every method (stage infer)
+    "vlm/negative",  # the VLM judge's negative style, per sample (stage score)
+    "bootstrap",  # the report's confidence intervals
+    "figures",  # the report's randomly drawn example rows
 )
 
 
@@ -44,3 +49,8 @@ def stream(purpose: str, seed: int, *keys: int) -> np.random.Generator:
 def torch_seed(purpose: str, seed: int, *keys: int) -> int:
     """A 63-bit seed for ``torch.Generator().manual_seed`` from the same scheme."""
     return int(stream(purpose, seed, *keys).integers(2**63))
+
+
+def item_seed(purpose: str, seed: int, item: int) -> int:
+    """The noise seed of one item (an image id) for a stage: a 63-bit draw, never 0."""
+    return torch_seed(purpose, seed, item) or 1
