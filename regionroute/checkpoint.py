@@ -16,16 +16,15 @@ dropped before dvclive appends, so no step appears twice.
 
 from __future__ import annotations
 
-import csv
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from regionroute.files import atomic_dir, atomic_path, read_json, write_json
+from regionroute.files import atomic_dir, read_json, write_json
 
-__all__ = ["checkpoints", "load_state", "save_checkpoint", "trim_live_logs"]
+__all__ = ["checkpoints", "load_state", "save_checkpoint"]
 
 
 def checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -52,21 +51,3 @@ def save_checkpoint(
 def load_state(path: Path) -> dict[str, Any]:
     """The ``state.json`` of a checkpoint."""
     return read_json(Path(path) / "state.json")
-
-
-def trim_live_logs(live_dir: Path, step: int) -> int:
-    """Drop dvclive plot rows with ``step`` > ``step`` (``plots/metrics/**/*.tsv``); returns rows dropped."""
-    dropped = 0
-    for tsv in sorted((Path(live_dir) / "plots" / "metrics").rglob("*.tsv")):
-        with tsv.open(newline="") as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t"))
-            fields = list(rows[0]) if rows else None
-        keep = [r for r in rows if int(float(r["step"])) <= step]
-        if len(keep) == len(rows) or fields is None:
-            continue
-        dropped += len(rows) - len(keep)
-        with atomic_path(tsv) as tmp, tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=fields, delimiter="\t", lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(keep)
-    return dropped

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from regionroute import REPO_ROOT
 from regionroute.files import read_json, write_json
 
 __all__ = [
@@ -106,8 +107,6 @@ def stage_code_files(stage: str, pipeline: str = "dvc.yaml") -> list[Path]:
     """
     import yaml
 
-    from regionroute.models import REPO_ROOT
-
     spec = yaml.safe_load((REPO_ROOT / pipeline).read_text())["stages"][stage]
     deps = (spec.get("do") or spec)["deps"]
     files: set[Path] = set()
@@ -121,8 +120,6 @@ def stage_code_files(stage: str, pipeline: str = "dvc.yaml") -> list[Path]:
 
 def code_digest(files: Iterable[Path]) -> str:
     """sha256 of source files (path below the repository root + bytes) and of the library versions."""
-    from regionroute.models import REPO_ROOT
-
     h = hashlib.sha256()
     for f in sorted(files):
         h.update(f"{Path(f).resolve().relative_to(REPO_ROOT).as_posix()}\0".encode() + file_digest(f).encode() + b"\n")

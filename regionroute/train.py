@@ -229,7 +229,7 @@ class _Log:
     """
 
     def __init__(self, accelerator: Any, ckpt_dir: Path, live_dir: Path | None, start: int, state: dict) -> None:
-        from regionroute.checkpoint import trim_live_logs
+        from regionroute.live import trim_live_logs
 
         self.accelerator, self.ckpt_dir = accelerator, ckpt_dir
         self.sums: dict[str, float] = dict(state["sums"])  # the current logging window

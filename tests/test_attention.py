@@ -8,10 +8,10 @@ from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
+from regionroute.config import LossConfig
 from regionroute.errors import ConfigError
 from regionroute.flux import attention_maps
 from regionroute.flux.attention import StyleAttentionRecorder, StyleAttnProcessor
-from regionroute.config import LossConfig
 from regionroute.losses import attention_losses
 from regionroute.metrics.attention import attention_mass_inside
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from regionroute.errors import ConfigError
 from regionroute.config import LossConfig
+from regionroute.errors import ConfigError
 from regionroute.losses import attention_losses, cover_bce, downsample_mask, focus_kl
 from regionroute.metrics.attention import attention_iou, attention_localization, attention_mass_inside
 

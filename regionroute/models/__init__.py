@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from regionroute import REPO_ROOT
 from regionroute.errors import UserError
 
 __all__ = [
@@ -39,8 +40,6 @@ __all__ = [
 
 TINY = "tiny"
 TOY = "toy"
-#: The repository checkout this package lives in (the toy models and params.yaml are there).
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def toy_dir(name: str) -> Path:

@@ -190,8 +190,8 @@ def pretrain(
     from diffusers.optimization import get_scheduler
     from safetensors.torch import load_file
 
-    from regionroute.checkpoint import trim_live_logs
     from regionroute.flux.flow import FlowSchedule, flow_loss, kontext_image_ids, noisy, transformer_inputs
+    from regionroute.live import trim_live_logs
     from regionroute.toy.filters import STYLES
     from regionroute.toy.scenes import CATEGORIES, COLOURS
 
