@@ -3,7 +3,7 @@
 Why ``lpips_bg`` restores the non-background from the source before LPIPS (docs/method.md
 §7): the plain spatial LPIPS map of (edit, source) averaged over the background charges an
 exact background for the edited object next to it, because AlexNet's coarse layers see it
-through their receptive fields. This measures that leak for toy scenes (64 px) and demo
+through their receptive fields. This measures that leak for toy scenes (64 px) and tiny
 images (128 px, and upsampled to 512 px), with the official alex weights, per dilation;
 ``lpips_bg`` (restored) is 0 at every dilation by construction.
 

@@ -113,7 +113,7 @@ def main() -> None:
     try:
         records = _eval_set(work / "eval", args.pairs, args.size)
         params = _params(work / "params.yaml", args)
-        argv = ["--params", str(params), "--method", "kontext", "--records", str(records)]
+        argv = ["--params", str(params), "--method", "base", "--records", str(records)]
         modes = {
             "python": (1, None),
             "accelerate-1": (1, _config(work / "acc1.yaml", 1)),

@@ -111,7 +111,7 @@ def _judge(scorer: Any, data: Path, styles: tuple[str, ...]) -> None:
     table = torch.stack([*texts, plain])  # (5, D)
     root = data / "pseudo_gt" / "eval"
     rows = read_jsonl(root / "records.jsonl")
-    for method in ("kontext", "regionroute", "oracle"):
+    for method in ("base", "regionroute", "oracle"):
         for style in styles:
             mine = [r for r in rows if r["style"] == style]
             images = [read_image(data / "infer" / method / "images" / f"{r['id']}.png") for r in mine]
@@ -134,10 +134,10 @@ def _erosion(scorer: Any, data: Path, steps: tuple[int, ...] = (0, 1, 2, 3)) -> 
         eroded = [distance_transform_edt(m) > px for m in masks]  # farther than px from the background
         kept = [i for i, m in enumerate(eroded) if m.any()]
         rsm = {}
-        for method in ("kontext", "regionroute", "oracle"):
+        for method in ("base", "regionroute", "oracle"):
             images = [read_image(data / "infer" / method / "images" / f"{rows[i]['id']}.png") for i in kept]
             rsm[method] = _rsm_text(scorer, images, [rows[i] for i in kept], root, [eroded[i] for i in kept])
-        ratio = round(rsm["regionroute"] / rsm["kontext"], 3)
+        ratio = round(rsm["regionroute"] / rsm["base"], 3)
         print(json.dumps({"diagnostic": "erosion", "pixels": px, "n": len(kept), "rsm_text": rsm,
                           "regionroute_over_base": ratio}), flush=True)  # fmt: skip
 

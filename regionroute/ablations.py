@@ -130,7 +130,7 @@ def ablation_table(show: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     bases: list[Mapping[str, Any]] = []  # one row per distinct base (another sample seed: other pairs)
     for label, _, score in rows:
-        base = score.get("kontext")
+        base = score.get("base")
         if isinstance(base, Mapping) and base not in bases:
             bases.append(base)
             cells = [f"*base Kontext ({label})*", *("" for _ in differing)]

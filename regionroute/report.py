@@ -43,12 +43,12 @@ TOY_NOTE = (
     "meaningful). Paper configuration: `cp configs/paper.yaml params.yaml && dvc repro`."
 )
 TINY_NOTE = (
-    "> **Demo numbers.** These results were produced by tiny models with random weights, built in code "
-    "(`tiny` in `params.yaml`), on the synthetic demo dataset. They exercise the pipeline's mechanics and "
+    "> **Tiny models.** These results were produced by tiny models with random weights, built in code "
+    "(`tiny` in `params.yaml`), on the tiny synthetic dataset. They exercise the pipeline's mechanics and "
     "say nothing about image quality or about the method. The default `params.yaml` (the toy world) shows "
     "the method working; the paper configuration is `cp configs/paper.yaml params.yaml && dvc repro`."
 )
-#: (metric, relation, factor, what): the toy world's targets, RegionRoute against the toy base (kontext).
+#: (metric, relation, factor, what): the toy world's targets, RegionRoute against the base model.
 TOY_TARGETS = (
     ("mse_bg", "<=", 0.5, "background MSE at most half the base's"),
     ("lpips_bg", "<=", 0.5, "background LPIPS at most half the base's"),
@@ -59,13 +59,13 @@ TOY_TARGETS = (
 
 
 def world_of(kontext: str, clip: str, lpips: str, vlm: str) -> str:
-    """``demo`` (any tiny model), ``toy`` (the toy base) or ``real``."""
+    """``tiny`` (any tiny model), ``toy`` (the toy base) or ``real``."""
     if "tiny" in (kontext, clip, lpips):
-        return "demo"
+        return "tiny"
     return "toy" if kontext == "toy" else "real"
 
 
-def toy_claims(metrics: dict[str, dict[str, float]], method: str = "regionroute", base: str = "kontext") -> str:
+def toy_claims(metrics: dict[str, dict[str, float]], method: str = "regionroute", base: str = "base") -> str:
     """The toy world's targets as a table: both values, their ratio, and whether the target holds."""
     rows = []
     for col, rel, factor, what in TOY_TARGETS:
@@ -81,7 +81,7 @@ def toy_claims(metrics: dict[str, dict[str, float]], method: str = "regionroute"
     return markdown_table(rows, [f"target ({method} vs {base})", method, base, "ratio", "verdict"])
 
 
-METHOD_ORDER = ("kontext", "regionroute", "oracle")
+METHOD_ORDER = ("base", "regionroute", "oracle")
 # (column, header, format); arrows say which direction is better
 TABLE1 = (("rsm_text", "RSM text ↑", "{:.4f}"), ("rsm_image", "RSM image ↑", "{:.4f}"),
           ("mse_fg", "MSE_fg to pseudo-GT ↓", "{:.5f}"),
@@ -139,7 +139,7 @@ def _grid(path: Path, pairs: list[dict[str, Any]], root: Path, methods: dict[str
     import matplotlib.pyplot as plt
 
     names = _ordered(list(methods))
-    label = {"kontext": "base (kontext)", "regionroute": "RegionRoute", "oracle": "oracle (GT mask)"}
+    label = {"base": "base (Kontext)", "regionroute": "RegionRoute", "oracle": "oracle (GT mask)"}
     cols = ["input", "pseudo-GT", *(label.get(m, m) for m in names)]
     fig, axes = plt.subplots(len(pairs), len(cols), figsize=(1.9 * len(cols), 2.0 * len(pairs)), squeeze=False)
     for i, rec in enumerate(pairs):
@@ -231,7 +231,7 @@ def write_report(
 ) -> Path:
     """Write ``results.md`` and its figures into ``out_dir``; returns the markdown path.
 
-    ``world``: ``demo`` (tiny random models), ``toy`` (the toy world: adds the table of its
+    ``world``: ``tiny`` (tiny random models), ``toy`` (the toy world: adds the table of its
     targets) or ``real`` (:func:`world_of`).
     """
     metrics = read_json(metrics_path)
@@ -244,7 +244,7 @@ def write_report(
     _grid(fig_dir / "grid.png", pairs, records_path.parent, methods)
     has_attention = _attention_grid(fig_dir / "attention.png", pairs[:4], records_path.parent, methods)
     parts = ["# RegionRoute results", ""]
-    if world == "demo":
+    if world == "tiny":
         parts += [TINY_NOTE, ""]
     elif world == "toy":
         parts += [TOY_NOTE, ""]

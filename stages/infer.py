@@ -1,4 +1,4 @@
-"""DVC stage ``infer``: one method (kontext, regionroute, oracle) on the eval pairs (regionroute.infer)."""
+"""DVC stage ``infer``: one method (base, regionroute, oracle) on the eval pairs (regionroute.infer)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from regionroute.errors import exit_on_user_error
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
-    p.add_argument("--method", required=True, help="kontext | regionroute | oracle")
+    p.add_argument("--method", required=True, help="base | regionroute | oracle")
     p.add_argument("--records", type=Path, required=True, help="composite stage records.jsonl (eval split)")
     p.add_argument("--model", type=Path, default=None, help="trained model directory (regionroute only)")
     p.add_argument("--out", type=Path, required=True, help="output directory for this method")

@@ -1,4 +1,4 @@
-"""Shared fixtures: the committed demo dataset, a params file in a temp dir, helpers."""
+"""Shared fixtures: the committed tiny dataset, a params file in a temp dir, helpers."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "data" / "demo"
+TINY_DATA = ROOT / "data" / "tiny"
 
 
 @pytest.fixture
 def params_file(tmp_path: Path):
-    """Return ``make(**overrides)`` writing params.yaml (configs/demo.yaml: tiny models) with section overrides."""
+    """Return ``make(**overrides)`` writing params.yaml (configs/tiny.yaml: tiny models) with section overrides."""
 
     def make(**sections: dict) -> Path:
-        raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-        raw["data"]["root"] = str(DEMO)
+        raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+        raw["data"]["root"] = str(TINY_DATA)
         for name, values in sections.items():
             if values is None:
                 raw[name] = None
@@ -32,10 +32,10 @@ def params_file(tmp_path: Path):
 
 
 @pytest.fixture
-def demo_copy(tmp_path: Path) -> Path:
-    """A writable copy of the demo dataset (for corrupting it)."""
-    dst = tmp_path / "demo"
-    shutil.copytree(DEMO, dst)
+def tiny_data_copy(tmp_path: Path) -> Path:
+    """A writable copy of the tiny dataset (for corrupting it)."""
+    dst = tmp_path / "tiny"
+    shutil.copytree(TINY_DATA, dst)
     return dst
 
 

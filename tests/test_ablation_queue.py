@@ -1,7 +1,7 @@
 """Ablations in parallel: queued DVC experiments, 2 queue workers, collected by ``regionroute ablations``.
 
-The recipe of docs/scaling.md on a very small demo in a temporary git clone of HEAD:
-``dvc repro infer@kontext infer@oracle`` (data and baselines, committed), two paper
+The recipe of docs/scaling.md on the tiny configuration in a temporary git clone of HEAD:
+``dvc repro infer@base infer@oracle`` (data and baselines, committed), two paper
 ablation rows queued with ``dvc exp run --queue -S ...``, run by two workers (``dvc queue
 start -j 2``, polled until both ended, then ``dvc queue stop``), then ``regionroute
 ablations``. The workers get
@@ -83,14 +83,14 @@ def test_queued_ablations_run_on_two_workers_and_are_collected(tmp_path):
     _run(["git", "clone", "-q", str(ROOT), str(repo)], tmp_path, env)
     _run(["git", "config", "user.email", "test@example.com"], repo, env)
     _run(["git", "config", "user.name", "test"], repo, env)
-    params = yaml.safe_load((repo / "configs" / "demo.yaml").read_text())  # tiny models, whatever the default
+    params = yaml.safe_load((repo / "configs" / "tiny.yaml").read_text())  # tiny models, whatever the default
     for (section, key), value in TINY.items():
         params[section][key] = value
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / "accelerate_queue.yaml").write_text(ONE_GPU_EACH)  # committed: a relative path works in the
     _run(["git", "add", "-A"], repo, env)  # workers' temporary workspaces
-    _run(["git", "commit", "-qm", "tiny demo + queue accelerate config"], repo, env)
-    _run(["dvc", "repro", "infer@kontext", "infer@oracle"], repo, env)  # data + baselines, as the recipe
+    _run(["git", "commit", "-qm", "tiny + queue accelerate config"], repo, env)
+    _run(["dvc", "repro", "infer@base", "infer@oracle"], repo, env)  # data + baselines, as the recipe
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "pseudo-GT and baselines"], repo, env)
 

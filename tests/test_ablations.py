@@ -20,7 +20,7 @@ def _params(focus: float, single: bool) -> dict:
 
 
 def test_rows_params_and_metrics_come_from_their_files():
-    score = {"regionroute": {"rsm_text": 0.25, "mse_bg": 0.01}, "kontext": {"rsm_text": 0.2, "mse_bg": 0.04}}
+    score = {"regionroute": {"rsm_text": 0.25, "mse_bg": 0.01}, "base": {"rsm_text": 0.2, "mse_bg": 0.04}}
     ws = _state("workspace", None, _params(0.1, True), score, live={"train": {"loss": 1.0}})
     ws["experiments"] = [
         {"name": "exp-a", "revs": [_state("a" * 40, "exp-a", _params(0.0, True), {"regionroute": {"rsm_text": 0.3}},
@@ -60,7 +60,7 @@ def test_an_unchanged_workspace_is_not_repeated():
 
 def test_rows_on_other_pairs_get_their_own_base_row():
     def score(base: float) -> dict:
-        return {"regionroute": {"mse_bg": 0.01}, "kontext": {"mse_bg": base}}
+        return {"regionroute": {"mse_bg": 0.01}, "base": {"mse_bg": base}}
 
     ws = _state("workspace", None, _params(0.1, True), score(0.08))
     ws["experiments"] = [

@@ -14,7 +14,7 @@ from regionroute.check import check, format_report, preflight
 from regionroute.check_models import check_clip, check_kontext, check_lpips, check_vlm
 from regionroute.cli import main
 from regionroute.errors import UserError
-from tests.conftest import DEMO, ROOT
+from tests.conftest import TINY_DATA, ROOT
 
 KONTEXT = "black-forest-labs/FLUX.1-Kontext-dev"
 COMMIT = "0" * 40
@@ -43,10 +43,10 @@ def cache_file(cache: Path, repo: str, rel: str, content: bytes = b"") -> Path:
     return path
 
 
-DEMO_PARAMS = ROOT / "configs" / "demo.yaml"  # the tiny random models: the memory arithmetic the tests pin
+TINY_PARAMS = ROOT / "configs" / "tiny.yaml"  # the tiny random models: the memory arithmetic the tests pin
 
 
-def write_params(tmp_path: Path, base: Path = DEMO_PARAMS, **sections: dict) -> Path:
+def write_params(tmp_path: Path, base: Path = TINY_PARAMS, **sections: dict) -> Path:
     raw = yaml.safe_load(base.read_text())
     for name, values in sections.items():
         raw[name].update(values)
@@ -86,7 +86,7 @@ def toy_models(tmp_path: Path, monkeypatch) -> Path:
 
 
 def test_toy_world_passes_and_missing_files_are_named(tmp_path, toy_models):
-    params = write_params(tmp_path, models={"kontext": "toy"}, score={"clip": "toy"}, data={"root": str(DEMO)})
+    params = write_params(tmp_path, models={"kontext": "toy"}, score={"clip": "toy"}, data={"root": str(TINY_DATA)})
     report = check(params)
     assert not report.problems, format_report(report)
     assert report.accounting.sources["kontext"].startswith("toy")
@@ -159,15 +159,15 @@ def test_bad_references():
 
 
 # -- data --------------------------------------------------------------------------------------------------
-def test_coco_layout_and_counts(tmp_path, demo_copy):
-    params = write_params(tmp_path, data={"root": str(demo_copy)})
-    (demo_copy / "annotations" / "captions_val.json").unlink()
-    next((demo_copy / "train").iterdir()).unlink()
+def test_coco_layout_and_counts(tmp_path, tiny_data_copy):
+    params = write_params(tmp_path, data={"root": str(tiny_data_copy)})
+    (tiny_data_copy / "annotations" / "captions_val.json").unlink()
+    next((tiny_data_copy / "train").iterdir()).unlink()
     found = errors(check(params, activations=False))
     assert "captions_val.json" in found["data.splits.eval"]
-    assert "1 of 24 annotated images are missing" in found[str(demo_copy / "train")]
+    assert "1 of 24 annotated images are missing" in found[str(tiny_data_copy / "train")]
     splits = {"train": {"coco": "train", "num": 99}, "eval": {"coco": "val", "num": 6}}
-    params = write_params(tmp_path, data={"root": str(DEMO), "splits": splits})
+    params = write_params(tmp_path, data={"root": str(TINY_DATA), "splits": splits})
     found = errors(check(params, activations=False))
     assert (
         "99 pairs asked" in found["data.splits.train.num"]
@@ -178,14 +178,14 @@ def test_coco_layout_and_counts(tmp_path, demo_copy):
 # -- device, memory, settings -----------------------------------------------------------------------------
 def test_memory_shortfall_is_an_error_per_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(chk, "_free_bytes", lambda device: (2**20, "free in the test"))
-    found = errors(check(DEMO_PARAMS))
+    found = errors(check(TINY_PARAMS))
     for stage in ("stylize", "train", "infer", "score"):
         assert found[stage].startswith(f"error: {stage}: needs ") and "1 MiB free in the test" in found[stage]
         assert "the weights alone need" in found[stage]
     monkeypatch.setattr(chk, "_free_bytes", lambda device: (4 * 2**20, "free in the test"))
-    found = errors(check(DEMO_PARAMS))
+    found = errors(check(TINY_PARAMS))
     assert "lower stylize.batch_size" in found["stylize"]
-    assert "encoding the dataset needs" in found["train"]  # the demo's VAE pass on 8 images is its peak
+    assert "encoding the dataset needs" in found["train"]  # the tiny VAE pass on 8 images is its peak
     # a training phase larger than the encoding phase: the checkpointing switch is the suggested fix
     params = write_params(tmp_path, train={"gradient_checkpointing": False, "batch_size": 64})
     train = check(params).accounting.stages["train"]
@@ -240,12 +240,12 @@ def test_preflight_raises_the_stage_problems(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"score.vlm: org/not-downloaded is not in the local Hugging Face cache"):
         preflight(params, "score")
     monkeypatch.setattr(chk, "_free_bytes", lambda device: (2**20, "free in the test"))
-    preflight(DEMO_PARAMS, "train")  # on the CPU the stage runs without the memory trace
+    preflight(TINY_PARAMS, "train")  # on the CPU the stage runs without the memory trace
     monkeypatch.setattr(chk, "_device", lambda params, stage: ("models.device", "cuda"))
     with pytest.raises(UserError, match=r"^train: needs .* on cuda \(models.device\)"):
-        preflight(DEMO_PARAMS, "train")
+        preflight(TINY_PARAMS, "train")
     with pytest.raises(ValueError, match="unknown stage"):
-        preflight(DEMO_PARAMS, "sample")
+        preflight(TINY_PARAMS, "sample")
 
 
 @pytest.mark.slow

@@ -23,18 +23,16 @@ def _keys(d: object, prefix: str = "") -> set[str]:
 
 
 def test_shipped_configs_validate_with_same_structure():
-    """params.yaml (the default), configs/demo.yaml and configs/paper.yaml: one structure, one switch apart."""
-    demo = load_params(ROOT / "configs" / "demo.yaml")
+    """params.yaml (the default), configs/tiny.yaml and configs/paper.yaml: one structure, one switch apart."""
+    tiny = load_params(ROOT / "configs" / "tiny.yaml")
     paper = load_params(ROOT / "configs" / "paper.yaml")
-    load_params(ROOT / "params.yaml")
-    assert demo.models.kontext == "tiny"
-    assert load_params(ROOT / "configs" / "toy.yaml").models.kontext == "toy"
+    assert load_params(ROOT / "params.yaml").models.kontext == "toy"  # the default is the toy world
+    assert tiny.models.kontext == "tiny"
     assert paper.models.kontext == "black-forest-labs/FLUX.1-Kontext-dev"
     assert paper.sample.resolution == 1024 and paper.data.splits["train"].num == 150
     assert paper.data.styles == ("pixel-art", "cyberpunk", "expressionism", "line-art")
-    names = ("params.yaml", "configs/toy.yaml", "configs/demo.yaml")
+    names = ("params.yaml", "configs/tiny.yaml")
     raw = {name: yaml.safe_load((ROOT / name).read_text()) for name in names}
-    assert raw["params.yaml"] == raw["configs/toy.yaml"]  # the default is the toy world, restorable by cp
     raw_paper = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
     for config in raw.values():
         assert _keys(config) == _keys(raw_paper)

@@ -101,9 +101,9 @@ def test_a_launched_rank_never_launches_again(monkeypatch, tmp_path):
 
 
 def test_launch_command_passes_the_stage_and_its_arguments_unchanged(tmp_path):
-    cmd = launch.launch_command("stages.infer", ["--method", "kontext"], tmp_path / "c.yaml", ["3"])
+    cmd = launch.launch_command("stages.infer", ["--method", "base"], tmp_path / "c.yaml", ["3"])
     assert cmd[1:] == ["-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "c.yaml"),
-                       "--gpu_ids", "3", "-m", "stages.infer", "--method", "kontext"]  # fmt: skip
+                       "--gpu_ids", "3", "-m", "stages.infer", "--method", "base"]  # fmt: skip
 
 
 def test_gpu_leases_are_exclusive_and_released(tmp_path):

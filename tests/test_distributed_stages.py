@@ -18,7 +18,7 @@ import pytest
 
 from regionroute.files import read_image, read_json, read_jsonl, write_image, write_json, write_jsonl, write_mask
 from stages import infer, sample, score, stylize
-from tests.conftest import DEMO, run_stage, sample_argv
+from tests.conftest import TINY_DATA, run_stage, sample_argv
 from tests.test_distributed_launch import run_launched
 
 pytestmark = pytest.mark.distributed
@@ -42,7 +42,7 @@ def test_stylize_two_processes_equal_one(params_file, tmp_path, capsys):
     # batch 4: one process edits the 3 train images in one batch, two processes in batches of 2 and 1
     params = params_file(models=TINY, data={"splits": splits, "styles": STYLES}, stylize={"steps": 2, "batch_size": 4})
     for split, coco in (("train", "train"), ("eval", "val")):
-        code, err = run_stage(sample.main, sample_argv(params, DEMO, tmp_path / "samples" / split, split, coco), capsys)
+        code, err = run_stage(sample.main, sample_argv(params, TINY_DATA, tmp_path / "samples" / split, split, coco), capsys)
         assert code == 0, err
     argv = ["--params", str(params), "--style", "pixel-art", "--samples", str(tmp_path / "samples")]
     code, err = run_stage(stylize.main, [*argv, "--out", str(tmp_path / "one")], capsys)

@@ -1,4 +1,4 @@
-"""Stage ``infer`` (kontext / regionroute / oracle) and the ``regionroute edit`` command."""
+"""Stage ``infer`` (base / regionroute / oracle) and the ``regionroute edit`` command."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def _editor(model_dir: Path | None = None, merge: bool = True) -> Editor:
 
 def test_each_method_writes_one_image_per_pair_and_style(eval_records, model_dir, tmp_path):
     outs = {}
-    for method, editor in (("kontext", _editor()), ("regionroute", _editor(model_dir)), ("oracle", None)):
+    for method, editor in (("base", _editor()), ("regionroute", _editor(model_dir)), ("oracle", None)):
         n = run_method(method, eval_records, tmp_path / method, CFG, editor, models=TINY, model_dir=model_dir)
         rows = read_jsonl(tmp_path / method / "manifest.jsonl")
         assert n == 4 and len(rows) == 4 and {r["style"] for r in rows} == set(STYLES)
@@ -89,7 +89,7 @@ def test_each_method_writes_one_image_per_pair_and_style(eval_records, model_dir
     for r in read_jsonl(eval_records):  # the oracle keeps the background exactly
         mask, original = read_mask(root / r["mask"]), read_image(root / r["original"])
         np.testing.assert_array_equal(outs["oracle"][r["id"]][~mask], original[~mask])
-    assert any(not np.array_equal(outs["kontext"][k], outs["regionroute"][k]) for k in outs["kontext"])
+    assert any(not np.array_equal(outs["base"][k], outs["regionroute"][k]) for k in outs["base"])
     # resumable: a second run generates nothing
     assert run_method("oracle", eval_records, tmp_path / "oracle", CFG) == 0
 
@@ -215,11 +215,11 @@ def _copy_records(src: Path, dst: Path) -> Path:
 def test_changed_inputs_are_recomputed_and_nothing_else(eval_records, tmp_path):
     records = _copy_records(eval_records, tmp_path / "eval")
     root = records.parent
-    out = tmp_path / "kontext"
-    assert run_method("kontext", records, out, CFG, _editor(), models=TINY) == 4
+    out = tmp_path / "base"
+    assert run_method("base", records, out, CFG, _editor(), models=TINY) == 4
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
     write_image(root / "o1.png", 255 - read_image(root / "o1.png"))  # sample 1's pixels change, not its path
-    assert run_method("kontext", records, out, CFG, _editor(), models=TINY) == 2
+    assert run_method("base", records, out, CFG, _editor(), models=TINY) == 2
     for p in (out / "images").iterdir():
         assert (p.stat().st_mtime_ns == stamps[p.name]) == p.name.startswith("000_")
     # the oracle follows the pseudo-GT's pixels
@@ -252,7 +252,7 @@ def test_the_stage_edits_with_the_pair_seed(eval_records, tmp_path):
     from regionroute.infer import pair_seed
 
     editor = _editor()
-    run_method("kontext", eval_records, tmp_path / "k", CFG, editor, models=TINY)
+    run_method("base", eval_records, tmp_path / "k", CFG, editor, models=TINY)
     rows = read_jsonl(tmp_path / "k" / "manifest.jsonl")
     r = next(r for r in rows if r["image_id"] == 1)
     assert r["seed"] == pair_seed(CFG.seed, 1) != CFG.seed + 1

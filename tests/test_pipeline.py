@@ -1,6 +1,6 @@
-"""End to end: ``dvc repro`` of the whole demo pipeline in a temporary git clone of this repo.
+"""End to end: ``dvc repro`` of the whole tiny pipeline in a temporary git clone of this repo.
 
-Tests the committed HEAD (what CI and a newcomer get), switched to configs/demo.yaml (tiny
+Tests the committed HEAD (what CI and a newcomer get), switched to configs/tiny.yaml (tiny
 models) as the README documents, made smaller (2 styles, fewer pairs and steps) so it
 runs in a few minutes on 2 cores. Covers: a cold ``dvc repro``; a second one doing
 nothing; a composite-only param re-running only ``composite``, then retraining from
@@ -54,30 +54,30 @@ def _edit_params(repo: Path, changes: dict[tuple[str, str], object]) -> None:
 
 
 @pytest.mark.slow
-def test_dvc_pipeline_on_the_demo_in_a_fresh_clone(tmp_path):
+def test_dvc_pipeline_on_the_tiny_config_in_a_fresh_clone(tmp_path):
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     repo = tmp_path / "repo"
     _run(["git", "clone", "-q", str(ROOT), str(repo)], tmp_path)
     _run(["git", "config", "user.email", "test@example.com"], repo)  # dvc exp run commits
     _run(["git", "config", "user.name", "test"], repo)
-    (repo / "params.yaml").write_text((repo / "configs" / "demo.yaml").read_text())  # the documented switch
+    (repo / "params.yaml").write_text((repo / "configs" / "tiny.yaml").read_text())  # the documented switch
     _edit_params(repo, SMALL)
-    _run(["git", "commit", "-qam", "smaller demo"], repo)
+    _run(["git", "commit", "-qam", "smaller tiny run"], repo)
 
     log = _run(["dvc", "repro"], repo)
     stages = {"sample@train", "sample@eval", "stylize@pixel-art", "stylize@line-art", "composite", "train",
-              "infer@kontext", "infer@regionroute", "infer@oracle", "score", "report"}  # fmt: skip
+              "infer@base", "infer@regionroute", "infer@oracle", "score", "report"}  # fmt: skip
     assert _ran(log) == stages
     assert len(read_jsonl(repo / "data" / "pseudo_gt" / "train" / "records.jsonl")) == 6 * 2
     metrics = read_json(repo / "metrics" / "score.json")
-    assert set(metrics) == {"kontext", "regionroute", "oracle"} and metrics["oracle"]["mse_bg"] == 0
+    assert set(metrics) == {"base", "regionroute", "oracle"} and metrics["oracle"]["mse_bg"] == 0
     assert "Demo numbers" in (repo / "reports" / "results" / "results.md").read_text()
     assert (repo / "dvclive" / "train" / "metrics.json").is_file()
 
     assert _ran(_run(["dvc", "repro"], repo)) == set()  # cached: nothing re-runs
     _run(["git", "add", "-A"], repo)
-    _run(["git", "commit", "-qm", "demo run"], repo)  # dvc.lock + metrics, as a user would
+    _run(["git", "commit", "-qm", "tiny run"], repo)  # dvc.lock + metrics, as a user would
 
     experts = repo / "models" / "regionroute" / "moe" / "moe.safetensors"
     before = experts.read_bytes()

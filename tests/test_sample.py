@@ -11,7 +11,7 @@ import pytest
 from regionroute.data.coco import crop_square
 from regionroute.files import read_jsonl, read_mask
 from stages import sample
-from tests.conftest import DEMO, run_stage, sample_argv
+from tests.conftest import TINY_DATA, run_stage, sample_argv
 
 
 def test_crop_keeps_mask_centroid_and_reports_loss():
@@ -31,7 +31,7 @@ def test_crop_keeps_mask_centroid_and_reports_loss():
 
 def test_sample_stage_writes_manifest_and_is_deterministic(params_file, tmp_path, capsys):
     params = params_file(data={"splits": {"train": {"coco": "train", "num": 8}, "eval": {"coco": "val", "num": 2}}})
-    code, err = run_stage(sample.main, sample_argv(params, DEMO, tmp_path / "a"), capsys)
+    code, err = run_stage(sample.main, sample_argv(params, TINY_DATA, tmp_path / "a"), capsys)
     assert code == 0, err
     rows = read_jsonl(tmp_path / "a" / "manifest.jsonl")
     assert len(rows) == 8 and len({r["id"] for r in rows}) == 8
@@ -41,12 +41,12 @@ def test_sample_stage_writes_manifest_and_is_deterministic(params_file, tmp_path
         assert r["object"] in {"car", "cat", "dog", "sports ball", "kite", "bottle"}
     stats = json.loads((tmp_path / "a" / "stats.json").read_text())
     assert stats["written"] == 8
-    run_stage(sample.main, sample_argv(params, DEMO, tmp_path / "b"), capsys)
+    run_stage(sample.main, sample_argv(params, TINY_DATA, tmp_path / "b"), capsys)
     assert (tmp_path / "a" / "manifest.jsonl").read_text() == (tmp_path / "b" / "manifest.jsonl").read_text()
     other = params_file(
         sample={"seed": 1}, data={"splits": {"train": {"coco": "train", "num": 8}, "eval": {"coco": "val", "num": 2}}}
     )
-    run_stage(sample.main, sample_argv(other, DEMO, tmp_path / "c"), capsys)
+    run_stage(sample.main, sample_argv(other, TINY_DATA, tmp_path / "c"), capsys)
     assert (tmp_path / "a" / "manifest.jsonl").read_text() != (tmp_path / "c" / "manifest.jsonl").read_text()
 
 
@@ -150,10 +150,10 @@ def _corrupt(root: Path, what: str) -> None:
         ("no_usable_instance", "no image has a usable instance"),
     ],
 )
-def test_bad_inputs_give_one_line_and_no_output(params_file, demo_copy, tmp_path, capsys, what, needle):
-    _corrupt(demo_copy, what)
+def test_bad_inputs_give_one_line_and_no_output(params_file, tiny_data_copy, tmp_path, capsys, what, needle):
+    _corrupt(tiny_data_copy, what)
     out = tmp_path / "out"
-    code, err = run_stage(sample.main, sample_argv(params_file(), demo_copy, out), capsys)
+    code, err = run_stage(sample.main, sample_argv(params_file(), tiny_data_copy, out), capsys)
     assert code == 2
     last = err.strip().splitlines()[-1]  # progress bars may precede it on stderr
     assert last.startswith("error: ") and needle in last, err
@@ -163,14 +163,14 @@ def test_bad_inputs_give_one_line_and_no_output(params_file, demo_copy, tmp_path
 
 def test_asking_for_more_pairs_than_available_names_the_key(params_file, tmp_path, capsys):
     params = params_file(data={"splits": {"train": {"coco": "train", "num": 500}, "eval": {"coco": "val", "num": 2}}})
-    code, err = run_stage(sample.main, sample_argv(params, DEMO, tmp_path / "o"), capsys)
+    code, err = run_stage(sample.main, sample_argv(params, TINY_DATA, tmp_path / "o"), capsys)
     assert code == 2 and "data.splits.train.num: asked for 500 pairs" in err
     assert not (tmp_path / "o").exists()
 
 
 def test_unknown_category_filter_is_a_config_error(params_file, tmp_path, capsys):
     params = params_file(sample={"categories": ["unicorn"]})
-    code, err = run_stage(sample.main, sample_argv(params, DEMO, tmp_path / "o"), capsys)
+    code, err = run_stage(sample.main, sample_argv(params, TINY_DATA, tmp_path / "o"), capsys)
     assert code == 2 and "sample.categories: unknown category 'unicorn'" in err
 
 

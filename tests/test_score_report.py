@@ -90,7 +90,7 @@ def test_report_is_generated_from_metrics_and_byte_identical(params_file, eval_s
         outs.append((tmp_path / name / "results.md").read_text())
     assert outs[0] == outs[1]
     md = outs[0]
-    assert md.startswith("# RegionRoute results\n\n" + TINY_NOTE)  # demo params use tiny models
+    assert md.startswith("# RegionRoute results\n\n" + TINY_NOTE)  # tiny params use tiny models
     mse = read_json(tmp_path / "score.json")["global"]["mse_bg"]
     assert f"{mse:.5f}" in md  # numbers come from the metrics file
     assert "oracle (uses the GT mask: upper bound)" in md
@@ -110,13 +110,13 @@ def test_toy_claims_are_computed_from_the_metrics():
     from regionroute.report import toy_claims, world_of
 
     metrics = {
-        "kontext": {"mse_bg": 0.04, "lpips_bg": 0.2, "mse_fg": 0.010, "rsm_text": 0.30, "attn_mass_in": 0.10},
+        "base": {"mse_bg": 0.04, "lpips_bg": 0.2, "mse_fg": 0.010, "rsm_text": 0.30, "attn_mass_in": 0.10},
         "regionroute": {"mse_bg": 0.01, "lpips_bg": 0.15, "mse_fg": 0.012, "rsm_text": 0.28, "attn_mass_in": 0.35},
     }
     table = toy_claims(metrics).splitlines()
     verdicts = [line.rsplit("|", 2)[-2].strip() for line in table[2:]]
     assert verdicts == ["holds", "**does not hold**", "holds", "holds", "holds"]
     assert "0.250 (<= 0.5)" in table[2] and "3.500 (>= 3)" in table[6]
-    assert "not measured" in toy_claims({"kontext": {}, "regionroute": {}})
-    assert world_of("toy", "toy", "alex", "tiny") == "toy" and world_of("tiny", "tiny", "tiny", "tiny") == "demo"
+    assert "not measured" in toy_claims({"base": {}, "regionroute": {}})
+    assert world_of("toy", "toy", "alex", "tiny") == "toy" and world_of("tiny", "tiny", "tiny", "tiny") == "tiny"
     assert world_of("black-forest-labs/FLUX.1-Kontext-dev", "ViT-L-14/openai", "alex", "Qwen/x") == "real"

@@ -12,7 +12,7 @@ from regionroute.composite import composite_pair
 from regionroute.config import CompositeConfig
 from regionroute.files import read_image, read_jsonl, read_mask
 from stages import composite, sample, stylize
-from tests.conftest import DEMO, run_stage, sample_argv
+from tests.conftest import TINY_DATA, run_stage, sample_argv
 
 SMALL = {"splits": {"train": {"coco": "train", "num": 3}, "eval": {"coco": "val", "num": 2}}}
 
@@ -21,7 +21,7 @@ SMALL = {"splits": {"train": {"coco": "train", "num": 3}, "eval": {"coco": "val"
 def samples(params_file, tmp_path, capsys) -> tuple[Path, Path]:
     params = params_file(data={**SMALL, "styles": ["pixel-art", "line-art"]}, stylize={"steps": 2, "batch_size": 2})
     for split, coco in (("train", "train"), ("eval", "val")):
-        code, err = run_stage(sample.main, sample_argv(params, DEMO, tmp_path / "samples" / split, split, coco), capsys)
+        code, err = run_stage(sample.main, sample_argv(params, TINY_DATA, tmp_path / "samples" / split, split, coco), capsys)
         assert code == 0, err
     return params, tmp_path / "samples"
 

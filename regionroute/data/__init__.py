@@ -1,1 +1,1 @@
-"""Data: COCO sampling (stage ``sample``), the embedded demo set, training datasets."""
+"""Data: COCO sampling (stage ``sample``) and the synthetic datasets (the toy world's, the tiny test set)."""

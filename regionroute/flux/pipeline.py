@@ -3,7 +3,7 @@
 Used by ``stylize`` (global stylization) and ``infer`` / ``regionroute edit`` (regional
 edits). The pipeline rescales every request to ``max_area`` (default 1024^2) and, with
 ``_auto_resize``, snaps the input to Kontext's preferred resolutions; both are disabled
-here so a 128 px demo image stays 128 px and a 1024 px paper image stays 1024 px. Each
+here so a 128 px tiny image stays 128 px and a 1024 px paper image stays 1024 px. Each
 image gets its own generator seeded by its own seed, so results do not depend on how
 images are batched (up to float reduction order).
 """

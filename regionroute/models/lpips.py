@@ -10,7 +10,7 @@ averages the background pixels. References:
 * ``"squeeze"``: LPIPS v0.1's linear layers on torchvision's ImageNet trunk, which must
   already be in the torch hub cache when offline;
 * ``"tiny"``: the same AlexNet LPIPS with the calibrated linear layers but a seeded
-  *random* trunk (``pnet_rand=True``), so nothing is downloaded (tests, the demo, CI).
+  *random* trunk (``pnet_rand=True``), so nothing is downloaded (tests, the tiny configuration, CI).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tiny offline model specs built in code (tests, the demo, CI).
+"""Tiny offline model specs built in code (tests, the tiny configuration, CI).
 
 No weights can be downloaded here, so every model the pipeline uses has a tiny
 counterpart with the same classes and interfaces, built from configs with seeded

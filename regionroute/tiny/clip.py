@@ -1,4 +1,4 @@
-"""A tiny open_clip CLIP built in code, for the offline RSM metric (tests, the demo, CI).
+"""A tiny open_clip CLIP built in code, for the offline RSM metric (tests, the tiny configuration, CI).
 
 Same class (``open_clip.model.CLIP``), interfaces and preprocessing as the paper's
 ViT-L/14 (docs/method.md section 7, RSM), with toy sizes: a 2-layer ViT on 32 px inputs and

@@ -1,4 +1,4 @@
-"""A tiny Qwen2.5-VL built in code, for the offline VLM judge (tests, the demo, CI).
+"""A tiny Qwen2.5-VL built in code, for the offline VLM judge (tests, the tiny configuration, CI).
 
 Same classes as the paper's judge (``Qwen2_5_VLForConditionalGeneration`` +
 ``Qwen2_5_VLProcessor``; docs/method.md section 7, VLM) with toy sizes: a 2-block vision
