@@ -167,8 +167,8 @@ class SampleConfig(Section):
     def _validate(self) -> None:
         if self.resolution < 16 or self.resolution % 16:
             self._fail("resolution", f"must be a positive multiple of 16, got {self.resolution}")
-        self._in_range("min_area_frac", 0.0, 1.0, closed=False)
-        self._in_range("max_mask_loss", 0.0, 1.0, closed=False)
+        self._in_range("min_area_frac", 0, 1, closed=False)
+        self._in_range("max_mask_loss", 0, 1, closed=False)
         if set(self.categories) & set(self.exclude_categories):
             self._fail("exclude_categories", "overlaps sample.categories")
 
@@ -267,7 +267,7 @@ class LoraConfig(Section):
             self._fail("rank", f"must be an integer, got {self.rank!r}")
         self._at_least(1, "rank")
         self._positive("alpha", "router_temperature")
-        self._in_range("dropout", 0.0, 1.0, closed=False)
+        self._in_range("dropout", 0, 1, closed=False)
         self._at_least(0, "balance_weight")
         if not (self.double_stream or self.single_stream):
             self._fail("double_stream", "double_stream and single_stream are both false: no expert would be trained")

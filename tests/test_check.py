@@ -14,7 +14,7 @@ from regionroute.check import check, format_report, preflight
 from regionroute.check_models import check_clip, check_kontext, check_lpips, check_vlm
 from regionroute.cli import main
 from regionroute.errors import UserError
-from tests.conftest import TINY_DATA, ROOT
+from tests.conftest import ROOT, TINY_DATA
 
 KONTEXT = "black-forest-labs/FLUX.1-Kontext-dev"
 COMMIT = "0" * 40

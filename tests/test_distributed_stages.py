@@ -42,7 +42,9 @@ def test_stylize_two_processes_equal_one(params_file, tmp_path, capsys):
     # batch 4: one process edits the 3 train images in one batch, two processes in batches of 2 and 1
     params = params_file(models=TINY, data={"splits": splits, "styles": STYLES}, stylize={"steps": 2, "batch_size": 4})
     for split, coco in (("train", "train"), ("eval", "val")):
-        code, err = run_stage(sample.main, sample_argv(params, TINY_DATA, tmp_path / "samples" / split, split, coco), capsys)
+        code, err = run_stage(
+            sample.main, sample_argv(params, TINY_DATA, tmp_path / "samples" / split, split, coco), capsys
+        )
         assert code == 0, err
     argv = ["--params", str(params), "--style", "pixel-art", "--samples", str(tmp_path / "samples")]
     code, err = run_stage(stylize.main, [*argv, "--out", str(tmp_path / "one")], capsys)

@@ -237,25 +237,25 @@ def test_changed_inputs_are_recomputed_and_nothing_else(eval_records, tmp_path):
 
 
 def test_eval_noise_is_independent_of_the_pseudo_gt_noise():
-    from regionroute.infer import pair_seed
+    from regionroute.seeds import item_seed
 
-    # deterministic, distinct per image, and never one of the stylize stage's seeds (seed + image_id)
-    assert pair_seed(0, 72) == pair_seed(0, 72)
-    seeds = {pair_seed(s, i) for s in range(4) for i in range(5000)}
+    # deterministic, distinct per image and seed, and never one of the stylize stage's seeds
+    assert item_seed("infer", 0, 72) == item_seed("infer", 0, 72)
+    seeds = {item_seed("infer", s, i) for s in range(4) for i in range(5000)}
     assert len(seeds) == 4 * 5000
-    assert not seeds & set(range(4 + 5000 + 1))
+    assert not seeds & {item_seed("stylize", s, i) for s in range(4) for i in range(5000)}
     assert all(0 < s < 2**63 for s in seeds)
 
 
-def test_the_stage_edits_with_the_pair_seed(eval_records, tmp_path):
+def test_the_stage_edits_with_the_image_seed(eval_records, tmp_path):
     from regionroute.flux.pipeline import kontext_edit
-    from regionroute.infer import pair_seed
+    from regionroute.seeds import item_seed
 
     editor = _editor()
     run_method("base", eval_records, tmp_path / "k", CFG, editor, models=TINY)
     rows = read_jsonl(tmp_path / "k" / "manifest.jsonl")
     r = next(r for r in rows if r["image_id"] == 1)
-    assert r["seed"] == pair_seed(CFG.seed, 1) != CFG.seed + 1
+    assert r["seed"] == item_seed("infer", CFG.seed, 1) != CFG.seed + 1
     src = next(x for x in read_jsonl(eval_records) if x["id"] == r["id"])
     image = read_image(eval_records.parent / src["original"])
     prompt = CFG.instruction.format(object=r["object"], style=r["style"])

@@ -21,7 +21,9 @@ SMALL = {"splits": {"train": {"coco": "train", "num": 3}, "eval": {"coco": "val"
 def samples(params_file, tmp_path, capsys) -> tuple[Path, Path]:
     params = params_file(data={**SMALL, "styles": ["pixel-art", "line-art"]}, stylize={"steps": 2, "batch_size": 2})
     for split, coco in (("train", "train"), ("eval", "val")):
-        code, err = run_stage(sample.main, sample_argv(params, TINY_DATA, tmp_path / "samples" / split, split, coco), capsys)
+        code, err = run_stage(
+            sample.main, sample_argv(params, TINY_DATA, tmp_path / "samples" / split, split, coco), capsys
+        )
         assert code == 0, err
     return params, tmp_path / "samples"
 

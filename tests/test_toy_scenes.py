@@ -10,8 +10,10 @@ import torch
 
 from regionroute.config import SampleConfig
 from regionroute.data.coco import sample_split
+from regionroute.seeds import stream
+from regionroute.toy.dataset import ScenesConfig, write_toy_dataset
 from regionroute.toy.filters import STYLES, apply_style, recolour
-from regionroute.toy.scenes import CATEGORIES, COLOURS, render_batch, render_scene, write_coco_dataset
+from regionroute.toy.scenes import CATEGORIES, COLOURS, render_batch, render_scene
 
 
 def test_scenes_are_deterministic_with_exact_disjoint_masks():
@@ -33,12 +35,13 @@ def test_scenes_are_deterministic_with_exact_disjoint_masks():
 def test_coco_export_is_exact_reproducible_and_sampled_by_the_pipeline(tmp_path):
     from pycocotools.coco import COCO
 
-    write_coco_dataset(tmp_path / "a", 12, 4, seed=5)
-    write_coco_dataset(tmp_path / "b", 12, 4, seed=5)
+    cfg = ScenesConfig(train=12, val=4, test=3, seed=5)
+    write_toy_dataset(tmp_path / "a", cfg)
+    write_toy_dataset(tmp_path / "b", cfg)
     for f in sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file()):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     coco = COCO(str(tmp_path / "a" / "annotations" / "instances_train.json"))
-    scenes = render_batch(np.random.default_rng([5, 0]), 12)
+    scenes = render_batch(stream("scenes/train", 5), 12)
     ann = iter(sorted(coco.anns))
     for scene in scenes:
         for mask in scene.masks:
@@ -90,3 +93,9 @@ def test_recolour_changes_only_the_mask_and_keeps_shading():
     inside = out[0][:, m[0]]  # (3, P)
     assert float(inside[2].mean()) > float(inside[0].mean())  # blue now
     assert float(inside.std(1).mean()) > 0  # shading/pattern survive
+
+
+def test_scenes_render_rectangular_images_with_objects_inside():
+    scene = render_scene(np.random.default_rng(2), (96, 48), margin=0.05)
+    assert scene.image.shape == (48, 96, 3) and scene.masks.shape[1:] == (48, 96)
+    assert all(m.any() for m in scene.masks)
