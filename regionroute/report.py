@@ -1,22 +1,12 @@
-"""Stage ``report``: markdown tables and figures in ``reports/`` from the metrics files only.
+"""Stage ``report``: ``results.md``, its figures and ``metrics/targets.json`` from the score stage's tables.
 
-No number is typed by hand: every table cell comes from the ``score`` stage's per-method
-metrics JSON and size-stratified CSV. Output is deterministic (same inputs, same bytes).
-
-* ``results.md``: Table 1 (RSES components), Table 2 (VLM judge), the PIE-Bench-style
-  columns, attention localization, the size-stratified table, and the figures;
-* ``figures/grid.png``: input | pseudo-GT | one column per method, for a few pairs;
-* ``figures/attention.png``: the style-token attention over time of some of those pairs,
-  per model method, with the object's mask outlined (paper Fig. 6);
-* in the toy world, the table of its targets (RegionRoute against the toy base).
-
-The ablation table across experiments is written by ``regionroute ablations`` (it needs
-``dvc exp show``, i.e. experiments outside this stage's run).
+Every cell is computed from ``data/scores/per_sample.csv`` (means with paired bootstrap
+intervals over images, :mod:`regionroute.targets`) and ``by_size.csv``; figures come from
+:mod:`regionroute.figures`. Same inputs, same bytes. docs/method.md §7.
 """
 
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,38 +14,42 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from regionroute.files import atomic_path, read_image, read_json, read_jsonl
+from regionroute.figures import LABELS, ordered
+from regionroute.files import atomic_path, read_jsonl, write_json
 
-__all__ = ["TINY_NOTE", "TOY_NOTE", "markdown_table", "toy_claims", "world_of", "write_report"]
+__all__ = ["README_BEGIN", "README_END", "TINY_NOTE", "TOY_NOTE", "markdown_table", "world_of", "write_report"]
 
 TOY_NOTE = (
-    "> **Toy world.** These numbers come from the toy world: a miniature FLUX.1-Kontext (the real diffusers "
-    "classes, 7 M parameters, 64 px, 8 x 8 tokens) pretrained on CPU by this project (`toy/dvc.yaml`) so that "
-    "the paper's premise holds: it restyles the whole image even when an object is named, and its style-token "
-    "attention is diffuse. RegionRoute is then trained and evaluated by the same stages as the paper "
-    "configuration, with a toy CLIP judge trained on styled regions (`score.clip: toy`) and the official "
-    "LPIPS AlexNet weights. Its loss is the paper's except where `params.yaml` says otherwise: the toy "
-    "default weights the object's pixels in the flow loss (`loss.object_weight`; with the paper's unweighted "
-    "loss the experts cancel the style on the object too, see docs/toy.md). What this shows: whether the "
-    "method localizes a style in a model whose premise matches the paper's, and every ablation's effect, "
-    "measured. What it cannot show: image quality on real photos, behaviour at 1024 px with a 12 B model, or "
-    "CLIP/VLM scores with real weights (the VLM judge here is the tiny random Qwen2.5-VL: Table 2 is not "
-    "meaningful). Paper configuration: `cp configs/paper.yaml params.yaml && dvc repro`."
+    "> **Toy world.** A miniature FLUX.1-Kontext (the real diffusers classes, 7 M parameters, 64 px, 8 x 8 tokens) "
+    "pretrained on CPU by this project (`toy/dvc.yaml`) so that the paper's premise holds: it restyles the whole "
+    "image even when an object is named, and its style-token attention is diffuse. RegionRoute is trained and "
+    "scored by the same stages as the paper configuration, on the toy dataset's `test` split (never used to "
+    "choose a setting), with judges trained on their own scenes: a toy CLIP (RSM) and a toy Qwen2.5-VL (Q1-Q4). "
+    "The toy default departs from the paper's loss in one place, `loss.object_weight` (docs/toy.md). It cannot "
+    "show image quality on photos, behaviour at 1024 px with the 12 B model, or scores of the real judges."
 )
 TINY_NOTE = (
-    "> **Tiny models.** These results were produced by tiny models with random weights, built in code "
-    "(`tiny` in `params.yaml`), on the tiny synthetic dataset. They exercise the pipeline's mechanics and "
-    "say nothing about image quality or about the method. The default `params.yaml` (the toy world) shows "
-    "the method working; the paper configuration is `cp configs/paper.yaml params.yaml && dvc repro`."
+    "> **Tiny models.** Produced by tiny models with random weights built in code (`configs/tiny.yaml`) on the "
+    "tiny synthetic dataset: they exercise the pipeline's mechanics and say nothing about the method."
 )
-#: (metric, relation, factor, what): the toy world's targets, RegionRoute against the base model.
-TOY_TARGETS = (
-    ("mse_bg", "<=", 0.5, "background MSE at most half the base's"),
-    ("lpips_bg", "<=", 0.5, "background LPIPS at most half the base's"),
-    ("mse_fg", "<=", 1.5, "inside the object, match to the pseudo-GT within 1.5x the base's"),
-    ("rsm_text", "within", 0.1, "toy-CLIP RSM-text within 10% of the base's"),
-    ("attn_mass_in", ">=", 3.0, "style-token attention mass inside the mask at least 3x the base's"),
-)
+README_BEGIN, README_END = "<!-- results:begin (written by the report stage) -->", "<!-- results:end -->"
+
+# column -> (header, format); arrows say which direction is better
+COLUMNS: dict[str, tuple[str, str]] = {
+    "rsm_text": ("RSM text ↑", "{:.4f}"), "rsm_image": ("RSM image ↑", "{:.4f}"),
+    "mse_fg": ("MSE_fg to pseudo-GT ↓", "{:.5f}"), "lpips_bg": ("LPIPS_bg ↓", "{:.4f}"),
+    "mse_bg": ("MSE_bg ↓", "{:.5f}"), "psnr_bg": ("PSNR_bg ↑", "{:.2f}"), "ssim_bg": ("SSIM_bg ↑", "{:.4f}"),
+    "lpips_bg_spatial": ("LPIPS_bg spatial map ↓", "{:.4f}"),
+    "q1": ("Q1 object in style ↑", "{:.3f}"), "q2": ("Q2 background in style ↓", "{:.3f}"),
+    "q3": ("Q3 object in other style ↓", "{:.3f}"), "q4": ("Q4 background in other style ↓", "{:.3f}"),
+    "mse_bg_piebench": ("MSE (PIE-Bench masking) ↓", "{:.5f}"),
+    "lpips_bg_piebench": ("LPIPS (PIE-Bench masking) ↓", "{:.4f}"),
+    "attn_mass_in": ("attention mass in mask ↑", "{:.4f}"), "attn_iou": ("attention IoU ↑", "{:.4f}"),
+}  # fmt: skip
+TABLE1 = ("rsm_text", "rsm_image", "mse_fg", "lpips_bg", "mse_bg", "psnr_bg", "ssim_bg", "lpips_bg_spatial")
+TABLE2 = ("q1", "q2", "q3", "q4")
+PIEBENCH = ("mse_bg_piebench", "lpips_bg_piebench")
+ATTENTION = ("attn_mass_in", "attn_iou")
 
 
 def world_of(kontext: str, clip: str, lpips: str, vlm: str) -> str:
@@ -63,40 +57,6 @@ def world_of(kontext: str, clip: str, lpips: str, vlm: str) -> str:
     if "tiny" in (kontext, clip, lpips):
         return "tiny"
     return "toy" if kontext == "toy" else "real"
-
-
-def toy_claims(metrics: dict[str, dict[str, float]], method: str = "regionroute", base: str = "base") -> str:
-    """The toy world's targets as a table: both values, their ratio, and whether the target holds."""
-    rows = []
-    for col, rel, factor, what in TOY_TARGETS:
-        a, b = metrics.get(method, {}).get(col), metrics.get(base, {}).get(col)
-        if a is None or b is None or not b:
-            rows.append([what, "-", "-", "-", "not measured"])
-            continue
-        ratio = a / b
-        holds = abs(ratio - 1) <= factor if rel == "within" else (ratio <= factor if rel == "<=" else ratio >= factor)
-        target = f"{1 - factor:.2f}-{1 + factor:.2f}" if rel == "within" else f"{rel} {factor:g}"
-        verdict = "holds" if holds else "**does not hold**"
-        rows.append([what, f"{a:.5f}", f"{b:.5f}", f"{ratio:.3f} ({target})", verdict])
-    return markdown_table(rows, [f"target ({method} vs {base})", method, base, "ratio", "verdict"])
-
-
-METHOD_ORDER = ("base", "regionroute", "oracle")
-# (column, header, format); arrows say which direction is better
-TABLE1 = (("rsm_text", "RSM text ↑", "{:.4f}"), ("rsm_image", "RSM image ↑", "{:.4f}"),
-          ("mse_fg", "MSE_fg to pseudo-GT ↓", "{:.5f}"),
-          ("lpips_bg", "LPIPS_bg ↓", "{:.4f}"), ("mse_bg", "MSE_bg ↓", "{:.5f}"), ("psnr_bg", "PSNR_bg ↑", "{:.2f}"),
-          ("ssim_bg", "SSIM_bg ↑", "{:.4f}"), ("lpips_bg_spatial", "LPIPS_bg spatial map ↓", "{:.4f}"))  # fmt: skip
-TABLE2 = (("q1", "Q1 object in style ↑", "{:.3f}"), ("q2", "Q2 background in style ↓", "{:.3f}"),
-          ("q3", "Q3 object in other style ↓", "{:.3f}"),
-          ("q4", "Q4 background in other style ↓", "{:.3f}"))  # fmt: skip
-PIEBENCH = (("mse_bg_piebench", "MSE (PIE-Bench masking) ↓", "{:.5f}"),
-            ("lpips_bg_piebench", "LPIPS (PIE-Bench masking) ↓", "{:.4f}"))  # fmt: skip
-ATTENTION = (("attn_mass_in", "attention mass in mask ↑", "{:.4f}"), ("attn_iou", "attention IoU ↑", "{:.4f}"))
-
-
-def _ordered(methods: list[str]) -> list[str]:
-    return [m for m in METHOD_ORDER if m in methods] + sorted(m for m in methods if m not in METHOD_ORDER)
 
 
 def _cell(value: Any, fmt: str) -> str:
@@ -112,158 +72,111 @@ def markdown_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _method_table(metrics: dict[str, dict[str, float]], columns: tuple, with_n: bool = False) -> str:
-    header = ["method", *(h for _, h, _ in columns)] + (["n"] if with_n else [])
+def targets_table(targets: dict[str, dict], per_sample: pd.DataFrame) -> str:
+    """Target | RegionRoute | reference | ratio [95% CI] | bound | verdict (computed in :mod:`regionroute.targets`)."""
+    from regionroute.targets import TARGETS
+
+    means = per_sample.groupby("method").mean(numeric_only=True)
     rows = []
-    for m in _ordered(list(metrics)):
-        label = f"{m} (uses the GT mask: upper bound)" if m == "oracle" else m
-        row = [label, *(_cell(metrics[m].get(c), f) for c, _, f in columns)]
-        rows.append(row + ([str(int(metrics[m]["n"]))] if with_n else []))
+    for t in TARGETS:
+        got = targets.get(t.metric)
+        if got is None or got["ratio"] is None:
+            rows.append([t.what, "-", "-", "-", t.bound, "not measured"])
+            continue
+        a, b = means.loc[t.method, t.metric], means.loc[t.reference, t.metric]
+        ratio = f"{got['ratio']:.3f} [{got['lo']:.3f}, {got['hi']:.3f}]"
+        verdict = got["verdict"] if got["verdict"] == "holds" else f"**{got['verdict']}**"
+        rows.append([t.what, f"{a:.4f}", f"{b:.4f} ({t.reference})", ratio, t.bound, verdict])
+    return markdown_table(rows, ["target", "RegionRoute", "reference", "ratio [95% CI]", "target", "verdict"])
+
+
+def _method_table(per_sample: pd.DataFrame, columns: tuple[str, ...], seed: int) -> str:
+    """Per method: the mean of each column with its 95% bootstrap interval over images, and n."""
+    from regionroute.targets import bootstrap_means
+
+    header = ["method", *(COLUMNS[c][0] for c in columns), "n"]
+    rows = []
+    for m in ordered(sorted(per_sample["method"].unique())):
+        group = per_sample[per_sample["method"] == m]
+        if not any(group[c].notna().any() for c in columns):
+            continue
+        cells = []
+        for c in columns:
+            mean, lo, hi = bootstrap_means(per_sample, m, c, seed)
+            fmt = COLUMNS[c][1]
+            cells.append("-" if not np.isfinite(mean) else f"{fmt.format(mean)} [{fmt.format(lo)}, {fmt.format(hi)}]")
+        label = f"{LABELS.get(m, m)} (uses the GT mask: upper bound)" if m == "oracle" else LABELS.get(m, m)
+        rows.append([label, *cells, str(len(group))])
     return markdown_table(rows, header)
 
 
 def _size_table(by_size: pd.DataFrame) -> str:
-    cols = (("rsm_text", "RSM text", "{:.4f}"), ("lpips_bg", "LPIPS_bg", "{:.4f}"), ("mse_bg", "MSE_bg", "{:.5f}"),
-            ("q1", "Q1", "{:.3f}"), ("attn_mass_in", "attn mass in", "{:.4f}"))  # fmt: skip
+    cols = ("rsm_text", "lpips_bg", "mse_bg", "q1", "attn_mass_in")
     rows = []
-    for m in _ordered(sorted(by_size["method"].unique())):
+    for m in ordered(sorted(by_size["method"].unique())):
         for _, r in by_size[by_size["method"] == m].iterrows():
-            rows.append([m, str(r["size"]), str(int(r["n"])), *(_cell(float(r[c]), f) for c, _, f in cols)])
-    return markdown_table(rows, ["method", "object size", "n", *(h for _, h, _ in cols)])
+            rows.append([m, str(r["size"]), str(int(r["n"])), *(_cell(float(r[c]), COLUMNS[c][1]) for c in cols)])
+    return markdown_table(rows, ["method", "object size", "n", *(COLUMNS[c][0] for c in cols)])
 
 
-def _grid(path: Path, pairs: list[dict[str, Any]], root: Path, methods: dict[str, Path]) -> None:
-    import matplotlib
+def update_readme(readme: Path, block: str) -> None:
+    """Replace the text between the README's result markers with ``block``."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        from regionroute.errors import UserError
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = _ordered(list(methods))
-    label = {"base": "base (Kontext)", "regionroute": "RegionRoute", "oracle": "oracle (GT mask)"}
-    cols = ["input", "pseudo-GT", *(label.get(m, m) for m in names)]
-    fig, axes = plt.subplots(len(pairs), len(cols), figsize=(1.9 * len(cols), 2.0 * len(pairs)), squeeze=False)
-    for i, rec in enumerate(pairs):
-        images = [read_image(root / rec["original"]), read_image(root / rec["pseudo_gt"])]
-        images += [read_image(methods[m] / "images" / f"{rec['id']}.png") for m in names]
-        for j, (ax, img) in enumerate(zip(axes[i], images, strict=True)):
-            ax.imshow(img, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(cols[j], fontsize=8)
-        axes[i][0].set_ylabel(f"{rec['object']} -> {rec['style']}", fontsize=7)
-    _save(fig, path)
-
-
-def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, metadata={"Software": None})
-    plt.close(fig)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
-
-
-def _attention_grid(path: Path, pairs: list[dict[str, Any]], root: Path, methods: dict[str, Path]) -> bool:
-    """Paper Fig. 6 at a glance: per pair, per model method, output | mean map | each step, mask outlined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from regionroute.files import read_mask
-
-    rows = []
-    for rec in pairs:
-        for m in _ordered(list(methods)):
-            npz = methods[m] / "attention" / f"{rec['id']}.npz"
-            if npz.is_file():
-                with np.load(npz) as z:
-                    rows.append((rec, m, z["maps"], z["mean"], z["steps"]))
-    if not rows:
-        return False
-    n_steps = len(rows[0][4])
-    fig, axes = plt.subplots(len(rows), 2 + n_steps, figsize=(1.5 * (2 + n_steps), 1.6 * len(rows)), squeeze=False)
-    for i, (rec, m, maps, mean, steps) in enumerate(rows):
-        mask = read_mask(root / rec["mask"]).astype(float)
-        out = read_image(methods[m] / "images" / f"{rec['id']}.png")
-        h, w = mean.shape
-        panels = [("output", out, None), ("mean", mean, "magma")]
-        panels += [(f"step {s}", a, "magma") for s, a in zip(steps, maps, strict=True)]
-        for j, (title, img, cmap) in enumerate(panels):
-            ax = axes[i][j]
-            ax.imshow(img, cmap=cmap, interpolation="nearest")
-            ext = (-0.5, w - 0.5, h - 0.5, -0.5) if cmap else (-0.5, out.shape[1] - 0.5, out.shape[0] - 0.5, -0.5)
-            ax.contour(mask, levels=[0.5], colors="cyan", linewidths=0.6, extent=ext, origin="upper")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(title, fontsize=7)
-        axes[i][0].set_ylabel(f"{m}\n{rec['object']} -> {rec['style']}", fontsize=6)
-    _save(fig, path)
-    return True
-
-
-def _pick_pairs(records: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
-    """The ``k`` pairs with the largest objects, one per sample, styles cycling (deterministic)."""
-    by_sample: dict[str, dict[str, Any]] = {}
-    for r in sorted(records, key=lambda r: (-float(r["area"]), r["id"])):
-        by_sample.setdefault(r["sample_id"], r)
-    chosen = list(by_sample.values())[:k]
-    styles = sorted({r["style"] for r in records})
-    out = []
-    for i, r in enumerate(chosen):
-        wanted = styles[i % len(styles)]
-        out.append(next((x for x in records if x["sample_id"] == r["sample_id"] and x["style"] == wanted), r))
-    return out
+        raise UserError(f"{readme}: no '{README_BEGIN}' ... '{README_END}' markers to write the results between")
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    with atomic_path(readme) as tmp:
+        tmp.write_text(f"{head}{README_BEGIN}\n{block}\n{README_END}{tail}")
 
 
 def write_report(
     out_dir: Path,
-    metrics_path: Path,
+    per_sample_path: Path,
     by_size_path: Path,
     records_path: Path,
     methods: dict[str, Path],
+    targets_path: Path,
     world: str,
-    n_examples: int = 8,
+    seed: int = 0,
+    readme: Path | None = None,
 ) -> Path:
-    """Write ``results.md`` and its figures into ``out_dir``; returns the markdown path.
+    """Write ``results.md`` and its figures into ``out_dir`` and the judged targets to ``targets_path``.
 
-    ``world``: ``tiny`` (tiny random models), ``toy`` (the toy world: adds the table of its
-    targets) or ``real`` (:func:`world_of`).
+    ``world``: ``tiny``, ``toy`` (adds the table of its targets) or ``real`` (:func:`world_of`);
+    ``seed`` draws the bootstrap resamples and the figures' rows; ``readme``: a README whose
+    result markers receive the targets table.
     """
-    metrics = read_json(metrics_path)
+    from regionroute.figures import attention_grid, draw_rows, example_grid
+    from regionroute.targets import judge_targets
+
+    per_sample = pd.read_csv(per_sample_path, dtype={"sample_id": str, "id": str})
     by_size = pd.read_csv(by_size_path)
     records = read_jsonl(records_path)
+    targets = judge_targets(per_sample, seed)
+    write_json(targets_path, targets)
     fig_dir = out_dir / "figures"
     if fig_dir.exists():
         shutil.rmtree(fig_dir)
-    pairs = _pick_pairs(records, n_examples)
-    _grid(fig_dir / "grid.png", pairs, records_path.parent, methods)
-    has_attention = _attention_grid(fig_dir / "attention.png", pairs[:4], records_path.parent, methods)
-    parts = ["# RegionRoute results", ""]
-    if world == "tiny":
-        parts += [TINY_NOTE, ""]
-    elif world == "toy":
-        parts += [TOY_NOTE, ""]
-    n_pairs = max(int(v["n"]) for v in metrics.values()) if metrics else 0
+    rows = draw_rows(records, per_sample, per_tercile=2, seed=seed)
+    example_grid(fig_dir / "grid.png", rows, records_path.parent, methods)
+    has_attention = attention_grid(fig_dir / "attention.png", rows[::2], records_path.parent, methods)
+    n_images = per_sample["sample_id"].nunique()
+    n_pairs = int(per_sample.groupby("method").size().max())
+    parts = ["# RegionRoute results", "", {"tiny": TINY_NOTE, "toy": TOY_NOTE}.get(world, ""), ""]
     parts += [
-        f"Held-out pairs x styles per method: {n_pairs}. Generated by `dvc repro` (stage `report`) from "
-        "`metrics/score.json` and `data/scores/`; do not edit by hand.",
+        f"Evaluation: {n_images} images x {n_pairs // max(n_images, 1)} styles = {n_pairs} pairs per method. "
+        "Written by `dvc repro` (stage `report`) from `data/scores/`; intervals are 95% paired bootstrap "
+        "intervals over images (an image's styles resampled together); do not edit by hand.",
         "",
     ]
     if world == "toy":
-        parts += [
-            "## The toy world's targets",
-            "",
-            "RegionRoute against the toy base it was trained on (`kontext`), on the held-out pairs; ratios from "
-            "the metrics below, verdicts computed, not typed.",
-            "",
-            toy_claims(metrics),
-            "",
-        ]
+        summary = _targets_section(targets, per_sample, n_images)
+        parts += ["## The toy world's targets", "", summary, ""]
+        if readme is not None:
+            update_readme(readme, summary)
     parts += [
         "## Table 1: Regional Style Editing Score (RSES components)",
         "",
@@ -274,7 +187,7 @@ def write_report(
         "background restored from the source (an exact background scores 0); the plain spatial-map variant "
         "also charges the background for the edited object its coarse layers see.",
         "",
-        _method_table(metrics, TABLE1, with_n=True),
+        _method_table(per_sample, TABLE1, seed),
         "",
         "## Table 2: VLM judge (mean P(yes), Qwen2.5-VL)",
         "",
@@ -283,50 +196,45 @@ def write_report(
         "yes/no tokens. Ideal: high Q1, low Q2-Q4.",
         "",
     ]
-    if world != "real":
+    if world == "tiny":
         parts += ["> Not meaningful here: the judge is the tiny Qwen2.5-VL with random weights.", ""]
     parts += [
-        _method_table(metrics, TABLE2),
-        "",
-        "## PIE-Bench-style background columns",
-        "",
-        "Images multiplied by the background mask and averaged over ALL pixels (PIE-Bench's convention), "
-        "for comparison with papers that use it.",
-        "",
-        _method_table(metrics, PIEBENCH),
-        "",
-        "## Attention localization",
-        "",
+        _method_table(per_sample, TABLE2, seed), "",
+        "## PIE-Bench-style background columns", "",
+        "Images multiplied by the background mask and averaged over ALL pixels (PIE-Bench's convention).", "",
+        _method_table(per_sample, PIEBENCH, seed), "",
+        "## Attention localization", "",
         "Mean style-token attention map over the saved denoising steps: share of its mass inside the "
-        "(area-averaged) mask, and fuzzy IoU of the map thresholded at its mean.",
-        "",
-        _method_table({m: v for m, v in metrics.items() if "attn_mass_in" in v}, ATTENTION),
-        "",
-        "## By object size (COCO buckets: small < 32², medium < 96², large)",
-        "",
-        _size_table(by_size),
-        "",
-        "## Examples",
-        "",
-        "![input, pseudo-GT and each method](figures/grid.png)",
-        "",
-    ]
+        "(area-averaged) mask, and fuzzy IoU of the map thresholded at its mean.", "",
+        _method_table(per_sample, ATTENTION, seed), "",
+        "## By object size (COCO buckets: small < 32², medium < 96², large)", "",
+        _size_table(by_size), "",
+        "## Examples", "",
+        "Rows drawn at random (seeded): two images from each third of the object sizes, each with a random "
+        "style, and the pair where RegionRoute's RSM-text is lowest.", "",
+        "![input, pseudo-GT and each method](figures/grid.png)", "",
+    ]  # fmt: skip
     if has_attention:
         parts += [
-            "Style-token attention (paper Fig. 6): per pair and model, the output, the mean map, and the map at "
-            "each saved denoising step; the object's mask outlined in cyan.",
+            "Style-token attention (paper Fig. 6) for one image per size third and the worst pair: per model, "
+            "the output, the mean map and the map at each saved denoising step; the object's mask in cyan.",
             "",
             "![style-token attention over the denoising steps](figures/attention.png)",
             "",
         ]
-    parts += [
-        "## Ablations",
-        "",
-        "Run the ablations as experiments, then `regionroute ablations` writes "
-        "`reports/ablations.md` from `dvc exp show` (see the README).",
-        "",
-    ]
     md = out_dir / "results.md"
     with atomic_path(md) as tmp:
         tmp.write_text("\n".join(parts))
     return md
+
+
+def _targets_section(targets: dict[str, dict], per_sample: pd.DataFrame, n_images: int) -> str:
+    verdicts = [v["verdict"] for v in targets.values()]
+    held = sum(v == "holds" for v in verdicts)
+    return "\n".join([
+        f"RegionRoute against the base it was trained on (Q1: against the oracle), on {n_images} test images; "
+        f"{held} of {len(verdicts)} targets hold over their whole 95% interval. Computed by the `report` stage "
+        "(`metrics/targets.json`), not typed.",
+        "",
+        targets_table(targets, per_sample),
+    ])  # fmt: skip

@@ -121,6 +121,7 @@ def score_methods(
             frame = frame.merge(vlm, on="id")
             frame = pd.concat([frame.reset_index(drop=True), _attention(out_dir, part, masks)], axis=1)
             frame.insert(0, "method", method)
+            frame.insert(2, "sample_id", [r["sample_id"] for r in recs])  # the bootstrap's unit: an image
             frame["object"] = [r["object"] for r in recs]
             frame["area"] = [float(r["area"]) for r in recs]
             frames.append(frame)

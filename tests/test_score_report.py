@@ -75,28 +75,31 @@ def test_score_stage_known_answers(params_file, eval_set, tmp_path, capsys):
     assert set(by_size["size"]) == {"small", "medium", "large"}
 
 
-def test_report_is_generated_from_metrics_and_byte_identical(params_file, eval_set, tmp_path, capsys):
+def _report(params, eval_set, scores: Path, out: Path, capsys, readme: Path | None = None) -> None:
     records, methods = eval_set
+    argv = ["--params", str(params), "--per-sample", str(scores / "per_sample.csv"), "--by-size",
+            str(scores / "by_size.csv"), "--records", str(records), "--out", str(out), "--targets",
+            str(out / "targets.json")]  # fmt: skip
+    argv += ["--readme", str(readme)] if readme else []
+    for m, d in methods.items():
+        argv += ["--method", m, str(d)]
+    code, err = run_stage(report.main, argv, capsys)
+    assert code == 0, err
+
+
+def test_report_is_generated_from_the_scores_and_byte_identical(params_file, eval_set, tmp_path, capsys):
     _score(params_file, eval_set, tmp_path, capsys)
     params = params_file(data={"styles": ["pixel-art", "line-art"]})
-    outs = []
     for name in ("a", "b"):
-        argv = ["--params", str(params), "--metrics", str(tmp_path / "score.json"), "--by-size",
-                str(tmp_path / "by_size.csv"), "--records", str(records), "--out", str(tmp_path / name)]  # fmt: skip
-        for m, d in methods.items():
-            argv += ["--method", m, str(d)]
-        code, err = run_stage(report.main, argv, capsys)
-        assert code == 0, err
-        outs.append((tmp_path / name / "results.md").read_text())
-    assert outs[0] == outs[1]
-    md = outs[0]
+        _report(params, eval_set, tmp_path, tmp_path / name, capsys)
+    md = (tmp_path / "a" / "results.md").read_text()
+    assert md == (tmp_path / "b" / "results.md").read_text()
     assert md.startswith("# RegionRoute results\n\n" + TINY_NOTE)  # tiny params use tiny models
     mse = read_json(tmp_path / "score.json")["global"]["mse_bg"]
-    assert f"{mse:.5f}" in md  # numbers come from the metrics file
-    assert "oracle (uses the GT mask: upper bound)" in md
-    assert (tmp_path / "a" / "figures" / "grid.png").read_bytes() == (
-        tmp_path / "b" / "figures" / "grid.png"
-    ).read_bytes()
+    assert f"{mse:.5f} [" in md  # the mean of the per-sample table, with its interval
+    assert "oracle (GT mask) (uses the GT mask: upper bound)" in md
+    for fig in ("grid.png",):
+        assert (tmp_path / "a" / "figures" / fig).read_bytes() == (tmp_path / "b" / "figures" / fig).read_bytes()
 
 
 def test_score_config_rejects_bad_template():
@@ -106,17 +109,28 @@ def test_score_config_rejects_bad_template():
         ScoreConfig(template="an image")
 
 
-def test_toy_claims_are_computed_from_the_metrics():
-    from regionroute.report import toy_claims, world_of
+def test_the_toy_report_judges_the_targets_and_fills_the_readme(params_file, eval_set, tmp_path, capsys):
+    """A toy-world report: the targets table and metrics/targets.json, written between the README's markers."""
+    import pandas as pd
 
-    metrics = {
-        "base": {"mse_bg": 0.04, "lpips_bg": 0.2, "mse_fg": 0.010, "rsm_text": 0.30, "attn_mass_in": 0.10},
-        "regionroute": {"mse_bg": 0.01, "lpips_bg": 0.15, "mse_fg": 0.012, "rsm_text": 0.28, "attn_mass_in": 0.35},
-    }
-    table = toy_claims(metrics).splitlines()
-    verdicts = [line.rsplit("|", 2)[-2].strip() for line in table[2:]]
-    assert verdicts == ["holds", "**does not hold**", "holds", "holds", "holds"]
-    assert "0.250 (<= 0.5)" in table[2] and "3.500 (>= 3)" in table[6]
-    assert "not measured" in toy_claims({"base": {}, "regionroute": {}})
+    from regionroute.report import README_BEGIN, README_END, world_of
+
+    _score(params_file, eval_set, tmp_path, capsys)
+    per = pd.read_csv(tmp_path / "per_sample.csv", dtype={"sample_id": str})
+    ours = per[per["method"] == "global"].assign(method="regionroute")
+    ours["mse_bg"] = per[per["method"] == "global"]["mse_bg"].to_numpy() * 0.1
+    pd.concat([per.assign(method=per["method"].replace({"global": "base"})), ours]).to_csv(
+        tmp_path / "per_sample.csv", index=False
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# X\n\n{README_BEGIN}\nSTALE-TEXT\n{README_END}\n\nmore\n")
+    params = params_file(models={"kontext": "toy", "dtype": "float32", "device": "auto"},
+                         score={"clip": "toy", "lpips": "alex", "vlm": "tiny"})  # fmt: skip
+    _report(params, eval_set, tmp_path, tmp_path / "r", capsys, readme)
+    targets = read_json(tmp_path / "r" / "targets.json")
+    assert targets["mse_bg"]["ratio"] == pytest.approx(0.1, abs=1e-3) and targets["mse_bg"]["verdict"] == "holds"
+    text = readme.read_text()
+    assert "STALE-TEXT" not in text and text.endswith(f"{README_END}\n\nmore\n") and "| background MSE" in text
+    assert "The toy world's targets" in (tmp_path / "r" / "results.md").read_text()
     assert world_of("toy", "toy", "alex", "tiny") == "toy" and world_of("tiny", "tiny", "tiny", "tiny") == "tiny"
     assert world_of("black-forest-labs/FLUX.1-Kontext-dev", "ViT-L-14/openai", "alex", "Qwen/x") == "real"
