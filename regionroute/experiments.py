@@ -1,0 +1,211 @@
+"""Tables across DVC experiments: ``regionroute ablations`` and ``regionroute replicates`` (from ``dvc exp show``).
+
+Rows are the workspace, its commits and their experiments; params come from every params
+file (``toy/params.yaml`` keys keep their file's name), metrics from ``metrics/score.json``
+and ``metrics/targets.json``. Rows evaluated on the same pairs share the base's metrics
+exactly (its outputs do not depend on training): a row is compared with the main row of
+its own pairs, and a row on other pairs says so. Nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from regionroute.errors import UserError
+from regionroute.files import atomic_path
+from regionroute.targets import TARGETS
+
+__all__ = [
+    "ExpRow",
+    "ablation_table",
+    "exp_rows",
+    "exp_show_json",
+    "replicate_table",
+    "write_ablations",
+    "write_replicates",
+]
+
+SCORE_FILE, TARGETS_FILE = "metrics/score.json", "metrics/targets.json"
+#: relative change below which a row is "not worse" than its main row
+TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class ExpRow:
+    """One row: its label, flat params (``section.key``; other files as ``file:section.key``), metrics."""
+
+    label: str
+    params: dict[str, Any]
+    score: dict[str, Any]
+    targets: dict[str, Any]
+
+    @property
+    def pairs(self) -> str:
+        """Rows with equal keys were evaluated on the same pairs (the base's metrics, exactly)."""
+        return json.dumps(self.score.get("base"), sort_keys=True)
+
+
+def exp_show_json(repo: Path = Path(".")) -> list[dict[str, Any]]:
+    """``dvc exp show --json`` of the workspace, its commits and their experiments."""
+    try:
+        proc = subprocess.run(["dvc", "exp", "show", "--json", "--no-pager"], cwd=repo, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise UserError("the 'dvc' command is not on PATH") from None
+    if proc.returncode != 0:
+        raise UserError(f"dvc exp show failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else '?'}")
+    return json.loads(proc.stdout)
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+    return out
+
+
+def _row(label: str, state: Mapping[str, Any]) -> ExpRow:
+    data = state.get("data") or {}
+    params: dict[str, Any] = {}
+    for path, content in sorted((data.get("params") or {}).items()):
+        prefix = "" if path == "params.yaml" else f"{path}:"
+        params.update(_flatten((content or {}).get("data") or {}, prefix))
+    metrics = data.get("metrics") or {}
+
+    def read(path: str) -> dict[str, Any]:
+        return dict((metrics.get(path) or {}).get("data") or {})
+
+    return ExpRow(label, params, read(SCORE_FILE), read(TARGETS_FILE))
+
+
+def exp_rows(show: list[dict[str, Any]]) -> Iterator[ExpRow]:
+    """Every row with RegionRoute metrics; an unchanged workspace is not repeated, running experiments are skipped."""
+    rows: list[ExpRow] = []
+    for state in show:
+        rev_id = str(state.get("rev", "?"))
+        rows.append(_row(state.get("name") or (rev_id if rev_id == "workspace" else rev_id[:7]), state))
+        for exp_range in state.get("experiments") or []:
+            for rev in exp_range.get("revs") or []:
+                if (rev.get("data") or {}).get("rev") == "workspace":
+                    continue  # running: dvc shows the workspace's files, not the experiment's
+                rows.append(_row(rev.get("name") or exp_range.get("name") or str(rev.get("rev", "?"))[:7], rev))
+    rows = [r for r in rows if isinstance(r.score.get("regionroute"), Mapping)]
+    if not rows:
+        raise UserError(f"no RegionRoute metrics in {SCORE_FILE}: run `dvc repro` (or `dvc exp run`) first")
+    if (
+        len(rows) > 1
+        and rows[0].label == "workspace"
+        and (rows[0].params, rows[0].score) == (rows[1].params, rows[1].score)
+    ):
+        rows = rows[1:]
+    yield from rows
+
+
+def _table(header: list[str], rows: list[list[str]], left: int) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] * left + ["---:"] * (len(header) - left)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    return "-" if value is None or not math.isfinite(float(value)) else f"{float(value):.{digits}f}"
+
+
+def _compare(row: ExpRow, main: ExpRow) -> str:
+    """The targets' metrics on which ``row`` is worse / better than ``main`` by more than TOLERANCE (relative)."""
+    worse, better = [], []
+    for t in TARGETS:
+        a, b = row.score["regionroute"].get(t.metric), main.score["regionroute"].get(t.metric)
+        if a is None or b is None or not b:
+            continue
+        up = t.relation == ">=" or t.metric in ("rsm_text", "q1")
+        change = (1.0 if up else -1.0) * (float(a) - float(b)) / abs(float(b))
+        if change < -TOLERANCE:
+            worse.append(t.metric)
+        elif change > TOLERANCE:
+            better.append(t.metric)
+    verdict = f"worse: {', '.join(worse)}" if worse else "not worse on any"
+    return f"{verdict}; better: {', '.join(better)}" if better else verdict
+
+
+def ablation_table(show: list[dict[str, Any]]) -> str:
+    """Experiment | every differing param | each target: RegionRoute (ratio to its own base) | verdicts | vs main."""
+    rows = list(exp_rows(show))
+    keys = sorted({k for r in rows for k in r.params})
+    differing = [k for k in keys if len({json.dumps(r.params.get(k), sort_keys=True) for r in rows}) > 1]
+    mains: dict[str, ExpRow] = {}
+    for r in rows:
+        mains.setdefault(r.pairs, r)  # the first row of each set of pairs: the workspace/commit when it has them
+    header = ["experiment", *differing, *(f"{t.metric} (x {t.reference})" for t in TARGETS), "holds", "vs main"]
+    body = []
+    for r in rows:
+        cells = [r.label, *(str(r.params.get(k, "-")) for k in differing)]
+        for t in TARGETS:
+            value, judged = r.score["regionroute"].get(t.metric), r.targets.get(t.metric) or {}
+            ratio = f" ({_num(judged['ratio'], 2)}x)" if judged.get("ratio") is not None else ""
+            cells.append(f"{_num(value)}{ratio}")
+        verdicts = [v.get("verdict") for v in r.targets.values()]
+        cells.append(f"{sum(v == 'holds' for v in verdicts)}/{len(verdicts)}" if verdicts else "-")
+        main = mains[r.pairs]
+        if main is r:
+            cells.append("(main row of these pairs)" if r is rows[0] else "other pairs: no main row, see its own base")
+        else:
+            cells.append(_compare(r, main))
+        body.append(cells)
+    return _table(header, body, 1 + len(differing))
+
+
+def replicate_table(show: list[dict[str, Any]], prefix: str = "rep-") -> str:
+    """Each target's ratio [95% CI] and verdict per replicate (the main row, ``rep-*`` experiments); mean, spread."""
+    rows = list(exp_rows(show))
+    reps = [rows[0], *(r for r in rows[1:] if r.label.startswith(prefix))]
+    header = ["target", *(r.label for r in reps), "mean", "sd", "min-max"]
+    body = []
+    for t in TARGETS:
+        cells, ratios = [f"{t.metric} ({t.bound} x {t.reference})"], []
+        for r in reps:
+            j = r.targets.get(t.metric) or {}
+            if j.get("ratio") is None:
+                cells.append("-")
+                continue
+            ratios.append(float(j["ratio"]))
+            cells.append(f"{j['ratio']:.3f} [{j['lo']:.3f}, {j['hi']:.3f}] {j['verdict']}")
+        mean = sum(ratios) / len(ratios) if ratios else float("nan")
+        sd = math.sqrt(sum((x - mean) ** 2 for x in ratios) / (len(ratios) - 1)) if len(ratios) > 1 else float("nan")
+        span = f"{min(ratios):.3f}-{max(ratios):.3f}" if ratios else "-"
+        body.append([*cells, _num(mean, 3), _num(sd, 3), span])
+    return _table(header, body, 1)
+
+
+def _write(out: Path, title: str, intro: str, table: str) -> Path:
+    with atomic_path(out) as tmp:
+        tmp.write_text(f"# {title}\n\n{intro}\n\n{table}\n")
+    return out
+
+
+def write_ablations(out: Path, repo: Path = Path(".")) -> Path:
+    """``reports/ablations.md`` from the repository's experiments."""
+    intro = (
+        "Generated by `regionroute ablations` from `dvc exp show --json`. Params: every key (of any params file) "
+        "that differs between the rows. Each target's cell: RegionRoute's mean (its ratio to the reference of the "
+        "same run: the base, or the oracle for q1); `holds`: targets whose whole 95% interval clears "
+        "(`metrics/targets.json`). `vs main`: the target metrics on which a row is worse (or better) by more than "
+        f"{TOLERANCE:.0%} relative than the main row evaluated on the same pairs; a row on other pairs has none."
+    )
+    return _write(out, "Ablations", intro, ablation_table(exp_show_json(repo)))
+
+
+def write_replicates(out: Path, repo: Path = Path(".")) -> Path:
+    """``reports/replicates.md``: the main run and the ``rep-*`` experiments."""
+    intro = (
+        "Generated by `regionroute replicates` from `dvc exp show --json`: the main run and each `rep-*` "
+        "experiment, worlds that differ in every random draw of the data and training (scenes, evaluation pairs, "
+        "stylize and evaluation noise, the experts' training seed; the toy base and judges are shared: they never "
+        "saw these scenes). Each cell: the target's ratio [95% paired bootstrap interval over the test images] "
+        "and its verdict; then the mean, standard deviation and range of the ratios over the replicates."
+    )
+    return _write(out, "Replicates", intro, replicate_table(exp_show_json(repo)))
