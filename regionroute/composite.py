@@ -1,17 +1,9 @@
-"""Stage ``composite``: paste the stylized object back onto the original = pseudo-GT.
+"""Stage ``composite``: paste the stylized object back onto the original: the pseudo-GT (docs/method.md §1.4-1.5).
 
-docs/method.md §1.4-1.5 and the paper's supplementary §1: ``cv2.seamlessClone`` (Poisson
-blending, ``NORMAL_CLONE``) of the stylized pixels inside the mask onto the original.
-seamlessClone cannot handle masks that touch the image border (its solver needs a
-ring of known pixels) and fails on empty masks, so every image is reflect-padded by
-``pad`` pixels first and cropped back afterwards; if OpenCV still fails, the sample
-falls back to a feathered alpha composite. The method actually used is recorded per
-sample (``seamless``, ``alpha``, ``alpha_fallback`` or ``empty``).
-
-Output per split::
-
-    <out>/<split>/images/<id>_<style>.png   pseudo-GT image
-    <out>/<split>/records.jsonl              training records (schema: ``TrainingRecord``)
+:func:`composite_pair` uses ``cv2.seamlessClone`` on reflect-padded images (masks at the border
+work), restores every pixel outside the mask exactly, and falls back to a feathered alpha
+composite when OpenCV fails; the method used is recorded per sample. :func:`composite_splits`
+writes ``<out>/<split>/images/`` and ``records.jsonl`` (:class:`TrainingRecord`).
 """
 
 from __future__ import annotations

@@ -1,24 +1,8 @@
-"""Data parallelism for the heavy stages: shard the items over processes, merge on rank 0.
+"""Data parallelism for the heavy stages: shard items over processes, merge on rank 0 (docs/scaling.md §2).
 
-Used by ``stylize``, ``infer`` and ``score`` (items sharded with accelerate's
-:class:`~accelerate.PartialState`) and by ``train`` (the process group its DDP
-``Accelerator`` joins). Under plain ``python`` there is one process and every helper is
-a no-op; under ``accelerate launch`` / ``torchrun`` (see :mod:`regionroute.launch` and
-docs/scaling.md) the processes form one group (NCCL on GPUs, gloo on CPU).
-
-The pattern of a sharded, resumable stage output::
-
-    todo = plan(prepare)      # rank 0 alone: fingerprint + prune the output dir, decide the to-do
-                              # list (items whose content key differs); every rank gets the list
-    for item in shard(todo):  # each rank: its contiguous slice of the sorted list, written
-        ...                   # atomically, each item followed by its marker (ItemStore.mark)
-    barrier()                 # every item of every rank is written
-    if is_main(): ...         # rank 0 writes the manifest / metrics
-
-Deciding the to-do list on rank 0 only matters: if every rank read the markers itself, a
-fast rank's fresh markers could change a slow rank's list, and the slices would overlap or
-miss items. Any number of processes works, also more than items: a rank with an empty
-slice still reaches every collective call.
+``plan`` (rank 0 decides the to-do list), ``shard`` (each rank's contiguous slice), ``barrier``,
+``gather``, ``is_main`` on accelerate's ``PartialState``; no-ops under plain ``python``. Used by
+``stylize``, ``infer``, ``score`` and ``train``.
 """
 
 from __future__ import annotations

@@ -1,49 +1,10 @@
-"""Stage ``infer``: edit the held-out pairs with each method, and record style-token attention.
+"""Stage ``infer``: edit the held-out pairs with one method and record the style word's attention (docs/method.md §6).
 
-docs/method.md §6. Methods (one code path; the ablations are the same stage under
-``dvc exp run -S ...``):
-
-* ``base``: the base FLUX.1-Kontext (the paper's baseline);
-* ``regionroute``: the trained LoRA-MoE, routed as it was trained. ``routing: style``:
-  the instruction's style picks the expert; pairs are processed grouped by style, so by
-  default the style's expert is merged into the base weights once per group
-  (``infer.merge_expert``): the denoising loop then costs exactly the base model's.
-  ``routing: learned``: the trained MoLE gate weighs the experts from the instruction's
-  pooled text embedding, per sample, exactly as in training (never merged);
-* ``oracle``: global stylization + composite with the ground-truth mask (the eval split's
-  pseudo-GT). It uses the mask, so it is a reference upper bound, not a rival.
-
-Every pair x style gets the instruction ``infer.instruction`` and a generator seeded by
-``item_seed("infer", infer.seed, image id)`` (:mod:`regionroute.seeds`): the same for every method (paired
-comparisons) and drawn independently of the noise ``stylize`` used for the same image
-(``stylize.seed + image_id``). With shared noise the base would re-draw its own
-pseudo-GT sample inside the mask and its ``mse_fg`` would measure noise identity, not
-style fidelity (toy world: 0.004 with the pseudo-GT's noise, 0.046 with independent noise). For the two model
-methods the style-token attention maps (docs/method.md §3, ``infer.attention_direction``) at
-the denoising steps ``infer.attention_steps`` (paper: 5, 10, 15, 20, 25; Fig. 6) and
-their mean are saved per pair as ``attention/<id>.npz`` (``maps`` (S, h, w), ``mean``
-(h, w), ``steps`` (S,)), plus a figure ``figures/<id>.png`` (output | mean | per step).
-
-Output per method::
-
-    <out>/images/<id>.png   <out>/attention/<id>.npz   <out>/figures/<id>.png
-    <out>/manifest.jsonl    one line per pair x style (written last)
-
-The T5 text length is the one the experts were trained with (``infer.max_sequence_length:
-null`` = ``train.max_sequence_length``, stored in the model's ``regionroute.json``), for
-every method, so the baseline and RegionRoute read the same text sequence.
-
-Resumable, keyed on content (:mod:`regionroute.fingerprint`): the directory's fingerprint
-holds the method, params, base model files, experts and code; each pair's marker holds
-the digest of its input image bytes (the pseudo-GT's for ``oracle``), instruction and
-seed. Unchanged pairs are kept, changed ones recomputed, vanished ones pruned.
-
-Data-parallel (:mod:`regionroute.distributed`): under ``accelerate launch`` rank 0
-prepares the directory and decides the to-do list (sorted by style, then id), each rank
-edits its contiguous slice (so a rank merges each of its styles once) and writes its
-pairs and markers, and rank 0 writes the manifest after a barrier. Seeds are per pair:
-the outputs do not depend on the number of processes, up to float noise from the batch
-composition.
+Methods: ``base`` (the base Kontext), ``regionroute`` (the experts routed as trained: merged per
+style, or weighted by the learned gate) and ``oracle`` (the eval split's pseudo-GT: uses the mask,
+an upper bound). :class:`Editor` edits, :func:`run_method` runs a method over the records; the noise
+of an image is ``item_seed("infer", infer.seed, image_id)``, the same for every method. Resumable,
+keyed on content (:mod:`regionroute.fingerprint`); data-parallel (:mod:`regionroute.distributed`).
 """
 
 from __future__ import annotations

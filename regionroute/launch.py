@@ -1,32 +1,9 @@
-"""How a data-parallel stage starts: in this process, or under ``accelerate launch``.
+"""How a data-parallel stage starts: in this process, or again under ``accelerate launch`` (docs/scaling.md §1).
 
-Called by the ``__main__`` block of ``stages/{stylize,train,infer,score}.py``. The
-command in ``dvc.yaml`` stays ``python -m stages.<name> ...`` on every machine, so DVC
-never re-runs a stage because it moved to a machine with more GPUs. One place decides
-how it starts: the machine's **accelerate config** (docs/scaling.md):
-
-* ``$REGIONROUTE_ACCELERATE_CONFIG`` (a file written by ``accelerate config
-  --config_file <file>``), else accelerate's default config file (``accelerate config``,
-  ``$HF_HOME/accelerate/default_config.yaml``);
-* no config (or ``REGIONROUTE_ACCELERATE_CONFIG=none``): the stage runs in this process,
-  plain ``python``, one process. This is the CPU / CI default: no start-up cost, no
-  launcher output, the torch threads untouched;
-* a config: the stage runs itself again as ``python -m accelerate.commands.launch
-  --config_file <config> -m stages.<name> <same args>``: processes, GPUs and machines
-  come from the config; the exit code is the launcher's;
-* already a rank (``accelerate launch`` or ``torchrun`` by hand, or our own re-launch):
-  the stage runs here.
-
-**GPU leases.** A config that runs on GPUs takes ``num_processes / num_machines`` of the
-config's GPUs (``gpu_ids``, default: every visible one) by holding an exclusive ``flock``
-on one lock file per GPU for the stage's lifetime (released by the kernel even on
-``kill -9``), and passes them as ``--gpu_ids``. Concurrent stages on one machine (the
-workers of ``dvc queue start -j N``, which DVC itself cannot pin to GPUs) therefore get
-disjoint GPUs, and wait when none is free. Leases are per user and machine.
-
-Not a DVC dependency of any stage: it decides how a stage starts, never what it
-computes (that is :mod:`regionroute.distributed`'s part). Light on purpose: nothing here
-imports torch.
+Called by the ``__main__`` block of ``stages/{stylize,train,infer,score}.py``: with no accelerate
+config (or ``REGIONROUTE_ACCELERATE_CONFIG=none``) the stage runs here; with one, it re-runs itself
+under ``accelerate launch`` on GPUs leased by ``flock`` (so queued stages get disjoint GPUs).
+Nothing here imports torch.
 """
 
 from __future__ import annotations

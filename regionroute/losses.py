@@ -1,27 +1,9 @@
-"""Attention supervision losses: Focus (KL) and Cover (BCE) on style-token maps (docs/method.md section 4).
+"""Attention supervision: Focus (KL) and Cover (BCE) on style-token maps, named terms (docs/method.md §4).
 
-Used by the ``train`` stage on the maps of :class:`regionroute.flux.attention.StyleAttentionRecorder`.
-Every function is vectorized over the batch and any extra dims (words, layers) and returns
-named terms; the weights ``w_focus``/``w_cover`` are applied by the trainer.
-
-Shapes: ``maps`` is ``(B, *E, P)`` or ``(B, *E, h, w)`` with ``P = h * w`` target tokens
-(``E`` = e.g. words and/or layers, possibly none); ``masks`` is the soft mask on the token
-grid, ``(B, h, w)`` (shared by the sample's extra dims) or ``(B, *E, h, w)``. Masks pair
-with their own sample's maps (the public code compares each mask with the whole batch).
-
-Deviations from the public code (docs/method.md section 4), each kept as a named option:
-
-* masks are downsampled by area averaging (:func:`downsample_mask`), not nearest;
-* focus ``distribution="normalize"`` (default) uses ``p = a / sum(a)``; ``"softmax"`` uses
-  ``softmax(a / tau)`` as the public code does (nearly uniform on ``text_to_image`` maps);
-* cover ``cover_map="minmax"`` (default) compares the per-map min-max normalized ``a`` with the
-  mask; ``"official_logits"`` is the public ``BCE_with_logits(alpha * a, m)``, whose
-  background can never drop below 0.5 since ``a >= 0``;
-* an entry whose mask is empty contributes nothing (the public code uses a uniform target)
-  and is counted in ``n_empty``.
-
-:func:`element_coverage` gives the mask's coverage of each latent value, for the toy
-default's object weight on the flow loss (``loss.object_weight``, :mod:`regionroute.objective`).
+:func:`attention_losses` pairs each sample's maps ``(B, *E, P)`` with its own soft mask on the token
+grid (:func:`downsample_mask`, area averaging), skips empty masks (``n_empty``) and takes its options
+from :class:`regionroute.config.LossConfig` (the public code's forms are named options).
+:func:`element_coverage` gives each latent value's mask coverage for ``loss.object_weight``.
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
-"""The training objective on one micro-batch (docs/method.md §2, §4, §5), for the ``train`` stage.
+"""The training objective on one micro-batch, and the encoded data it draws from (docs/method.md §2, §4, §5).
 
-:class:`Objective` draws a micro-batch (sample indices, noise, sigmas; a data-parallel
-rank takes its slice of the global draw) and computes the named loss terms: the
-flow-matching loss (inputs from :mod:`regionroute.flux.flow`), Focus and Cover on the
-style-token attention captured during the forward (:mod:`regionroute.losses`), the MoLE
-balance loss, and the attention mass inside the mask for the logs. Under data
-parallelism the balance loss is taken on the global batch's mean gate and the attention
-losses are weighted by the rank's share of the global batch's usable masks, so that DDP's
-average of the ranks' gradients is the global batch's gradient (:mod:`regionroute.train`).
-:func:`probe_attention` evaluates the attention terms on a fixed batch, comparable over
-training. The loop itself (optimizer, checkpoints, logs) is :mod:`regionroute.train`.
+:func:`encode_dataset` encodes the records once (VAE latents, T5/CLIP text, masks on the token
+grid) into a :class:`TrainCache`; :class:`Objective` draws a micro-batch and returns the named
+terms (flow, Focus, Cover, balance, attention mass inside the mask); under DDP the balance and
+attention terms are weighted so the ranks' average gradient is the global batch's.
+:func:`probe_attention` evaluates the attention terms on a fixed batch.
 """
 
 from __future__ import annotations

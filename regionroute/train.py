@@ -1,39 +1,10 @@
-"""Stage ``train``: LoRA-MoE on FLUX.1-Kontext with flow matching + attention supervision.
+"""Stage ``train``: the LoRA-MoE experts on the pseudo-GT, flow matching + Focus/Cover (docs/method.md §2, §4-5).
 
-docs/method.md §2 (model input) and §4-5. The flow-matching inputs come from
-:mod:`regionroute.flux.flow` (diffusers' Kontext LoRA script, helpers from
-``diffusers.training_utils``); latents and text embeddings are computed once
-(:func:`encode_dataset`), then the VAE and text encoders are freed.
-
-The total loss is ``flow + w_focus * focus + w_cover * cover + w_balance * balance``
-(one micro-batch: :class:`regionroute.objective.Objective`). Mixed precision, gradient
-accumulation and multi-GPU (``accelerate launch``) come from accelerate. Every
-micro-batch (sample indices, noise, sigmas) is drawn from a generator seeded by
-``(seed, step, micro)``, so a run resumed from a checkpoint continues exactly as the
-uninterrupted run would have (:mod:`regionroute.checkpoint`).
-
-Data parallel (DDP under ``accelerate launch``, docs/scaling.md): ``train.batch_size`` is
-per process, as in diffusers' scripts. Each micro-step draws the GLOBAL batch
-(``num_processes x batch_size`` samples, noise and sigmas) from that generator and gives
-each rank its slice, so N processes with batch b follow 1 process with batch N x b, up
-to float noise: the flow loss is a mean over samples (DDP averages the ranks' gradients);
-the MoLE balance loss is taken on the global batch's mean gate (one all-reduce, gradient
-through the rank's own gates); the attention losses, means over the usable (non-empty)
-masks, are weighted by the rank's share of the global batch's usable masks (one
-all-reduce), so their average over ranks is the global batch's mean even when the ranks
-hold different numbers of empty masks. DDP wraps
-:class:`~regionroute.lora_moe.RoutedTransformer` (transformer AND learned gate: every
-trainable parameter is all-reduced). Logged values are means over ranks (``n_empty``: the
-sum; ``mass_inside``: the mean of the ranks' means). Rank 0 alone writes checkpoints,
-logs and the model; every rank resumes from the same checkpoint; the checkpoint key holds
-the process count (a 2-process checkpoint is only resumed by 2 processes).
-
-Resume is keyed on content: the checkpoint directory's fingerprint holds the digest of
-the encoded training tensors (so new pseudo-GT pixels, masks or instructions restart
-training), the base model's files, the code of the objective, and every param that
-changes the result or its logs. A non-finite loss stops the run and keeps the last good
-checkpoint. Logged per step: each loss term, the LR, the attention mass inside the mask,
-and ``n_empty``, the samples whose mask is empty on the token grid (no attention loss).
+:func:`train` runs the loop (accelerate: mixed precision, DDP; docs/scaling.md §3) on the
+encoded data (:class:`regionroute.objective.TrainCache`), one micro-batch's loss being
+:class:`regionroute.objective.Objective`. Micro-batches are drawn from ``(seed, step, micro)``,
+so a run resumed from a checkpoint (keyed on data, model, code and params) equals the
+uninterrupted run; the model is exported by :mod:`regionroute.lora_moe.export`.
 """
 
 from __future__ import annotations

@@ -1,42 +1,10 @@
-"""Style-token attention capture for FLUX(.1-Kontext) transformers, row-wise and exact (docs/method.md section 3).
+"""Style-token attention capture: a diffusers attention processor that records exact maps (docs/method.md §3).
 
-Used by training (maps for the focus/cover losses, :mod:`regionroute.losses`), inference
-(maps saved per denoising step) and evaluation (:mod:`regionroute.metrics.attention`).
-
-Contract::
-
-    rec = StyleAttentionRecorder(direction="text_to_image", normalize="all", layers="all")
-    rec.install(transformer)            # set_attn_processor; the original processors are kept
-    with rec.capture(style_mask=mask, n_text=L, n_target=N):   # mask: (B, L) or (B, W, L) bool
-        out = transformer(...)          # every transformer forward inside is recorded
-    maps = rec.maps()                   # (B, N) (or (B, W, N)) float32, mean over layers, differentiable
-    rec.per_layer()                     # (B, n_layers, N) (or (B, n_layers, W, N))
-    rec.maps(forward=k)                 # k-th forward in the capture (default -1), e.g. a denoising step
-    rec.remove(transformer)             # restores the original processors
-
-Per supervised layer, on the joint sequence ``[text (L) | target (N) | rest]`` (Kontext: rest =
-the N context tokens; plain Flux: none), after RMSNorm and RoPE, float32 whatever the model dtype
-and whatever autocast is active (it is disabled for the map's forward and backward):
-
-* ``text_to_image`` (default): ``A[s, i] = softmax_j(q_s . k_j / sqrt(d))[i]`` over ALL keys ``j``,
-  only for the style rows ``s`` (the union of all samples' spans), restricted to target keys ``i``.
-* ``image_to_text`` exact: ``A[i, s] = exp(q_i . k_s / sqrt(d) - LSE_i)``, ``LSE_i`` over ALL keys,
-  from the CPU flash kernel (elsewhere query chunks), no grad; analytic backward in query chunks
-  (``dLSE_i/dq_i = (P K)_i / sqrt(d)``, ``dLSE_i/dk_j = P_ij q_i / sqrt(d)``). Memory linear in T.
-* ``image_to_text``, ``normalize="style_tokens"``: the public code's softmax over the sample's
-  style tokens only; summed over a word's tokens it is identically 1, no signal: reproduction
-  only. One mask row per token (``(B, |S|, L)``) gives the public per-token maps.
-
-Maps are head-means, summed over the word's tokens (per-sample mask), averaged over layers.
-``implementation="naive"`` builds the full ``T x T`` softmax (reference and benchmark only).
-
-Outputs equal diffusers' ``FluxAttnProcessor`` (same ops); outside ``capture`` nothing extra
-runs. Gradient checkpointing (diffusers' default, non-reentrant) works: the map's saved tensors
-bypass the checkpoint (identity ``saved_tensors_hooks``), so the recomputation in backward (after
-the transformer forward returned) computes and records nothing and stays aligned with the
-original forward; hence under checkpointing a supervised layer keeps its post-RoPE keys (and
-queries, for ``image_to_text``) until backward. Reentrant checkpointing runs the forward under
-``no_grad``: no differentiable maps. Recording happens only inside a call of the transformer.
+:class:`StyleAttentionRecorder` is installed with ``set_attn_processor``; its outputs equal
+``FluxAttnProcessor``'s, and inside ``capture(...)`` it records, per supervised layer, the style
+word's attention over the target tokens in float32 (``text_to_image`` or exact ``image_to_text``).
+Used by ``train`` (the losses), ``infer`` and ``edit`` (saved maps); the math is in
+:mod:`regionroute.flux.attention_maps`.
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
-"""The math of the style-token attention maps: row-wise, exact, float32 (docs/method.md section 3).
+"""The math of the style-token attention maps: row-wise, exact, float32 (docs/method.md §3).
 
-Used by :mod:`regionroute.flux.attention` (the recorder installed in the transformer),
-which documents the contract. Per layer, from post-RoPE ``q, k`` (B, T, H, d):
-
-* :class:`_TextToImageMap`: the style rows' softmax over ALL keys, restricted to the
-  target-image keys; keys read in chunks; analytic backward.
-* :class:`_ImageToTextMap`: ``exp(q_i . k_s * scale - LSE_i)`` with ``LSE`` from the CPU
-  flash kernel (or query chunks elsewhere): never a T x T matrix; analytic backward.
-* :func:`_style_token_map`: the public code's softmax over the style tokens only (reproduction).
-* :func:`_naive_map`: the full T x T softmax (reference and benchmark only).
-
-Autocast is disabled inside (forward and backward): maps and their gradients are float32.
+Per layer, from post-RoPE ``q, k`` (B, T, H, d): the style rows' softmax over all keys
+(``_TextToImageMap``), ``exp(q_i . k_s - LSE_i)`` without a T x T matrix (``_ImageToTextMap``),
+both with analytic backwards; the public code's form and a naive full softmax for reference.
+Used by :mod:`regionroute.flux.attention`.
 """
 
 from __future__ import annotations

@@ -1,20 +1,8 @@
-"""Flow-matching inputs and loss for FLUX.1-Kontext, as diffusers' Kontext LoRA script builds them.
+"""Flow-matching inputs and loss for FLUX.1-Kontext, as diffusers' Kontext LoRA script builds them (docs/method.md §2).
 
-docs/method.md §2. The building blocks of every training loop in the project: the ``train``
-stage (LoRA-MoE on the pseudo-GT) and the toy world's base pretraining
-(:mod:`regionroute.toy`) call these instead of re-deriving them. Follows
-``examples/dreambooth/train_dreambooth_lora_flux_kontext.py`` (helpers imported from
-``diffusers.training_utils``, not copied):
-
-* timesteps: ``u = compute_density_for_timestep_sampling(...)`` (uniform for
-  ``weighting_scheme: none``), index ``(u * num_train_timesteps).long()`` into the
-  scheduler's sigma table, exactly as the script (no rounding: both ends keep full weight);
-* ``x_t = (1 - sigma) * x0 + sigma * noise``, target ``noise - x0``, loss weighted by
-  ``compute_loss_weighting_for_sd3``;
-* the sequence ``[text (L) | target (N) | context (N)]``: image ids from
-  ``FluxKontextPipeline._prepare_latent_image_ids`` for both images, the context's first
-  coordinate set to 1 (as the pipeline's ``prepare_latents``; the public RegionRoute code
-  forgets it, a train/inference mismatch we do not copy); prediction = first N image tokens.
+Timestep sampling and loss weights from ``diffusers.training_utils``, ``x_t = (1 - sigma) x0 +
+sigma noise``, the ``[text | target | context]`` sequence with the context ids' first coordinate
+set to 1 (as the pipeline does). Shared by the ``train`` stage and the toy base's pretraining.
 """
 
 from __future__ import annotations

@@ -1,27 +1,9 @@
-"""Positions of the style word's T5 tokens in each instruction (docs/method.md section 3, the set ``S``).
+"""Positions of the style word's T5 tokens in each instruction: the set ``S`` (docs/method.md §3).
 
-Used by training (the attention losses), inference (the saved attention maps) and the
-evaluation's attention-localization metric: all of them need, per sample, the text
-positions whose attention is supervised or recorded.
-
-How a span is found:
-
-1. The instruction is tokenized exactly as diffusers' Flux pipelines do for T5
-   (``max_length`` tokens, truncation, right padding; T5 appends ``</s>`` and adds no BOS,
-   so a position in the tokenized instruction is a position in the text sequence ``L``).
-2. The word is tokenized on its own without special tokens. T5's SentencePiece tokenizer
-   starts it with ``▁word``, which is how a word looks after a space, so e.g.
-   ``pixel-art`` -> ``▁pixel``, ``-``, ``art`` is matched as a contiguous run of ids.
-3. If the ids do not occur (the word is glued to a quote or bracket, so its first piece
-   lacks the ``▁``), a fast tokenizer's character offsets are used instead: the tokens
-   overlapping an exact occurrence of the word in the text form the span.
-4. Several occurrences: ``occurrence="last"`` (default) picks the last one, because the
-   template is ``"make the {object} into {style} style"`` and an object or caption
-   word can repeat the style word earlier (``"make the pixel-art dog into pixel-art style"``);
-   ``"first"`` is what the public code does; an ``int`` picks that occurrence (0-based).
-
-A word that cannot be found, or that ``max_length`` truncates away, raises
-:class:`regionroute.errors.UserError` naming the instruction and the word.
+:func:`style_token_mask` tokenizes as diffusers' Flux pipelines do for T5, matches the word's
+own ids (or, glued to punctuation, the tokens overlapping its characters) and takes the last
+occurrence; a word not found or truncated away is a one-line error. Used by ``train``,
+``infer`` and ``edit``.
 """
 
 from __future__ import annotations

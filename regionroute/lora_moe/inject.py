@@ -1,22 +1,9 @@
 """Put LoRA experts into a FLUX transformer and route them (docs/method.md §5).
 
-Used by the ``train`` stage (inject, route per batch, train ``trainable_parameters()``)
-and by ``infer`` (route to a style, or merge one expert for fast single-style runs).
-:func:`inject_lora_moe` wraps the configured targets of the double-stream blocks
-(``transformer.transformer_blocks.*``) and of the single-stream blocks
-(``transformer.single_transformer_blocks.*``) of a diffusers ``FluxTransformer2DModel``
-in :class:`~regionroute.lora_moe.layer.MoELoraLinear` and returns a :class:`LoraMoE`
-handle. ``lora.double_stream: false`` / ``lora.single_stream: false`` leave that stream
-untouched (the paper's ablation rows).
-
-What peft gives and what is ours: targets are matched with peft's own
-``check_target_module_exists`` (its suffix convention: ``attn.to_q`` matches
-``transformer_blocks.3.attn.to_q``), layers keep peft's names (``base_layer``,
-``lora_A``, ``lora_B``) and its initialization, and the exported experts are plain peft
-LoRAs (``export.py``). The layer itself is ours because peft has no per-sample routed
-multi-adapter layer: a peft ``LoraLayer`` holds several adapters but applies the same
-active set to the whole batch (``set_adapters``), so training all experts jointly in
-one batch of mixed styles, or MoLE's learned gating, needs a layer of its own.
+:func:`inject_lora_moe` wraps the configured targets of the double- and single-stream blocks
+(matched with peft's ``check_target_module_exists``, peft's names and init) in
+:class:`~regionroute.lora_moe.layer.MoELoraLinear` and returns a :class:`LoraMoE` handle: route a
+batch, merge one expert into the weights and unmerge it exactly, list the trainable parameters.
 """
 
 from __future__ import annotations

@@ -1,23 +1,9 @@
 """A mixture of LoRA experts around one frozen ``nn.Linear`` (docs/method.md §5).
 
-Used by the ``train`` stage (experts learn) and by ``infer`` (routed or merged
-experts). Each layer holds E experts stacked into two tensors, ``lora_A`` (E, r, in)
-and ``lora_B`` (E, out, r), and computes
-
-    y = W x + sum_e g_e * (alpha / r) * B_e A_e dropout(x)
-
-with the routing ``g`` read from a :class:`RoutingContext` shared by every layer of
-the model and set once per batch from outside (``LoraMoE.route``), never per layer:
-
-* hard routing (``expert_ids``, (B,)): only the routed expert is computed per sample:
-  A/B are gathered per sample and applied with a batched matmul, so the cost is one
-  rank-r LoRA, not E of them;
-* soft routing (``gates``, (B, E)): all experts run as one rank-E*r LoRA whose
-  rank-r slices are scaled by the sample's gate weights (two matmuls in all).
-
-Initialization follows peft (``init_lora_weights="gaussian"``: A ~ N(0, 1/r), or
-kaiming-uniform as peft's default) with B = 0, so at init the layer's output is
-exactly the base layer's. Names follow peft (``base_layer``, ``lora_A``, ``lora_B``).
+:class:`MoELoraLinear` computes ``y = W x + sum_e g_e (alpha/r) B_e A_e x`` with E stacked experts
+(``lora_A`` (E, r, in), ``lora_B`` (E, out, r)); the routing comes from a :class:`RoutingContext`
+shared by all layers and set once per batch: hard (only the routed expert runs) or soft (one
+rank-E*r LoRA scaled by the gates). B starts at zero, so at init the layer equals its base.
 """
 
 from __future__ import annotations

@@ -1,13 +1,7 @@
 """The transformer and its learned gate as one ``nn.Module``, so DDP synchronises both (docs/method.md §5).
 
-Used by the ``train`` stage, which hands this module (not the bare transformer) to
-``accelerator.prepare``. DDP all-reduces the gradients of the parameters of the module
-it wraps, and only those. The MoLE gate (:class:`~regionroute.lora_moe.router.LearnedRouter`)
-lives beside the transformer in the :class:`~regionroute.lora_moe.inject.LoraMoE` handle
-and runs before the transformer's forward; wrapped alone, the transformer would leave
-the gate's gradients per rank, the ranks' gates would drift apart, and with them the
-routing and the experts. Here the gate is a submodule and routing happens inside
-``forward``, the way DDP expects every trainable parameter to be used.
+``train`` hands :class:`RoutedTransformer` to ``accelerator.prepare``: DDP all-reduces only the
+parameters of the module it wraps, so the gate is a submodule and routing happens in ``forward``.
 """
 
 from __future__ import annotations

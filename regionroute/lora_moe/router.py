@@ -1,18 +1,8 @@
-"""Routers: which expert (or which mixture of experts) serves each sample (docs/method.md §5).
+"""Routers: which expert, or which mixture, serves each sample (docs/method.md §5).
 
-Used by the ``train`` stage and ``infer`` through :class:`~regionroute.lora_moe.inject.LoraMoE`.
-
-* ``style``: hard one-hot routing by the sample's style id, what the public code does by
-  training one LoRA per style and calling ``set_adapters([style])``. No parameters.
-* ``learned``: MoLE (Wu et al., 2024, "Mixture of LoRA Experts"): a linear gate over the
-  experts from the pooled text embedding, ``softmax(logits / temperature)``, trained
-  with the balance loss ``-sum_i log q_i`` (= ``-log prod_i q_i``), ``q_i`` the mean gate
-  weight of expert i over the batch. By AM-GM, with ``sum_i q_i = 1``, it is minimal at
-  uniform use, where it equals ``E log E``.
-
-The learned gate starts at zero (weight and bias), so training starts from uniform
-routing and from the minimum of the balance loss; since every B starts at zero too, the
-model still starts exactly at the base model. (MoLE does not pin an initialization.)
+``style``: hard routing by the sample's style id (the public code's ``set_adapters([style])``).
+``learned``: MoLE's linear gate on the pooled text embedding, ``softmax(logits / T)``, starting at
+zero (uniform routing), with the balance loss :func:`balance_loss` ``-sum_i log q_i``.
 """
 
 from __future__ import annotations

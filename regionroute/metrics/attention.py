@@ -1,22 +1,9 @@
-"""Attention localization: how much of the style token's attention falls on the target object (docs/method.md §7).
+"""Attention localization: how much of the style word's attention falls on the object (docs/method.md §7).
 
-Beyond the paper. Used by the training logs (on the maps the losses see), by inference
-(maps saved per denoising step) and by the ``score`` stage, per method and object size.
-
-Inputs follow :mod:`regionroute.losses`: ``maps`` ``(B, *E, P)`` or ``(B, *E, h, w)``,
-non-negative (e.g. :meth:`regionroute.flux.attention.StyleAttentionRecorder.maps`);
-``masks`` soft on the token grid (:func:`regionroute.losses.downsample_mask`), ``(B, h, w)``
-or ``(B, *E, h, w)``. Outputs are per entry ``(B, *E)``, detached float32; an entry whose
-mask is empty (or whose map sums to 0) is ``NaN`` so that ``nanmean`` skips it.
-
-* ``mass_in`` = ``sum_i a_i m_i / sum_i a_i``: the share of attention mass inside the soft mask
-  (uniform attention scores the mask's area fraction).
-* ``iou``: the map is thresholded into a binary prediction ``b``, then compared with the soft
-  mask by the fuzzy IoU ``sum min(b, m) / sum max(b, m)`` (the ordinary IoU when ``m`` is
-  binary; a small object covering no token fully still counts). Threshold rules:
-  ``"mean"`` (default): ``b_i = a_i >= mean(a)``, parameter-free and scale-invariant;
-  ``"area"``: the top-``k`` tokens with ``k = round(sum m)`` (at least 1), the mask's area in
-  tokens, so ``iou`` measures placement independent of spread.
+:func:`attention_localization` returns, per entry of ``maps`` ``(B, *E, P)`` against soft masks on
+the token grid, ``mass_in`` (share of the mass inside the mask) and ``iou`` (fuzzy IoU of the
+thresholded map with the mask); NaN where the mask is empty. Used by the training logs, ``score``
+and the toy base's evaluation.
 """
 
 from __future__ import annotations

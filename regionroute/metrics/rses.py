@@ -1,32 +1,9 @@
-"""RSES components: regional style match (RSM) and background identity (docs/method.md section 7).
+"""RSES components: regional style match (RSM) and background identity, per sample (docs/method.md §7).
 
-Used by the ``score`` stage. RSES is reported as its parts, never folded into one number:
-
-* ``rsm_text`` (up): CLIP cosine similarity between the edited image's target region and
-  the text ``"an image in {style} style"``. The region is the mask's bounding-box crop
-  with the pixels outside the mask set to the CLIP mean colour
-  (``OPENAI_DATASET_MEAN * 255``, which normalizes to ~0), padded to a square with the
-  same colour so CLIP's centre crop keeps the whole box. Raw cosine, not x100.
-* ``rsm_image`` (up): the same region embedding against the pseudo-GT's region (same mask).
-* Background = ``1 - mask`` dilated by ``dilate`` px (Euclidean), so boundary blending is
-  not counted. Over background pixels only, images in [0, 1]: ``mse_bg`` (down),
-  ``psnr_bg`` (capped at :data:`PSNR_MAX` dB so identical backgrounds keep means finite),
-  ``ssim_bg`` (skimage's SSIM map, averaged over the background) and ``lpips_bg`` (down):
-  the spatial LPIPS map (alex) between the source and the edit *with everything but the
-  background restored from the source*, averaged over the background. An edit that keeps
-  the background exact scores exactly 0; any background change is measured. The plain
-  spatial map of (edit, source) averaged over the background, ``lpips_bg_spatial``, is
-  kept for comparison: its deep layers see the edited object through their receptive
-  fields (AlexNet's last layer sees ~160 px), so it charges an exact background for the
-  edit next to it (the oracle scores ~0.002 at 128 px whatever the dilation;
-  ``benchmarks/lpips_bg_dilation.py`` measures it).
-* ``mse_fg`` (down, model-free): MSE between the edit and the pseudo-GT inside the mask,
-  how well the object itself matches the regional stylization it should have.
-* PIE-Bench's variant, as separate columns: both images multiplied by the background
-  mask, then averaged over *all* pixels (``mse_bg_piebench``, ``lpips_bg_piebench``).
-  It equals the background-only value times the background share for MSE.
-
-Empty masks give NaN RSM; an all-object image (no background) gives NaN background metrics.
+:class:`RSESScorer` (used by ``score``) computes :data:`RSES_COLUMNS`: ``rsm_text``/``rsm_image``
+(CLIP on the mask's region), ``mse_fg`` (against the pseudo-GT inside the mask), and over the
+dilated background ``mse_bg``, ``psnr_bg``, ``ssim_bg``, ``lpips_bg`` (the edit with everything but
+the background restored from the source) and its plain spatial-map and PIE-Bench variants.
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
-"""Object-size buckets with COCO's area thresholds (docs/method.md section 7, stratification).
+"""Object-size buckets with COCO's area thresholds, in original-image pixels (docs/method.md §7).
 
-Used by the ``score`` and ``report`` stages to stratify every metric by object size,
-since small objects are the known failure. Areas are in *original-image* pixels (the
-COCO annotation's scale), not the resized working resolution:
-
-* ``small``:  area < 32^2 (1024)
-* ``medium``: 32^2 <= area < 96^2 (9216)
-* ``large``:  area >= 96^2
-
-(COCOeval's area ranges are closed on both ends, so an area of exactly 32^2 counts as
-both small and medium there; here each object gets exactly one bucket, the upper one.)
+``small`` < 32^2 <= ``medium`` < 96^2 <= ``large`` (each object in exactly one bucket);
+:func:`stratify` gives every metric per method and bucket. Used by ``score`` and ``report``.
 """
 
 from __future__ import annotations

@@ -1,19 +1,8 @@
-"""Loading the CLIP model of the RSM metric (docs/method.md section 7) with open_clip.
+"""Loading the CLIP of the RSM metric with open_clip (docs/method.md §7).
 
-Used by the ``score`` stage through :class:`regionroute.metrics.rses.RSESScorer`. A
-reference is one of:
-
-* ``"tiny"``: the random tiny CLIP of :mod:`regionroute.tiny.clip`, built once into the cache;
-* ``"toy"``: the toy world's judge, trained contrastively on styled regions
-  (``toy/models/clip``, built by ``toy/dvc.yaml``);
-* a local directory holding ``open_clip_config.json`` + weights (open_clip's
-  ``local-dir:`` layout, as ``hf-hub`` repositories ship);
-* ``"hf-hub:org/repo"``;
-* ``"<model>/<pretrained>"`` with an open_clip model name and a pretrained tag or a
-  local checkpoint file: ``"ViT-L-14/openai"`` is the paper's. Tags are fetched through
-  the Hugging Face cache, so offline they must already be there.
-
-Only safetensors / ``weights_only`` checkpoints are loaded.
+:func:`load_clip` takes ``tiny``, ``toy`` (``toy/models/clip``), a local ``open_clip`` directory,
+``hf-hub:org/repo`` or ``<model>/<pretrained>`` (the paper's ``ViT-L-14/openai``, QuickGELU as
+trained); only safetensors or ``weights_only`` checkpoints are read. Used by ``score``.
 """
 
 from __future__ import annotations

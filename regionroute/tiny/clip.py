@@ -1,12 +1,8 @@
-"""A tiny open_clip CLIP built in code, for the offline RSM metric (tests, the tiny configuration, CI).
+"""A tiny open_clip CLIP built in code, for the offline RSM metric (tests, the tiny configuration).
 
-Same class (``open_clip.model.CLIP``), interfaces and preprocessing as the paper's
-ViT-L/14 (docs/method.md section 7, RSM), with toy sizes: a 2-layer ViT on 32 px inputs and
-a 2-layer text transformer. The text side keeps open_clip's own BPE vocabulary
-(``SimpleTokenizer``, shipped inside the package, so nothing is downloaded); only the
-embedding width is tiny. Weights are seeded, written as safetensors next to an
-``open_clip_config.json`` and loaded back through open_clip's ``local-dir:`` schema, so
-the real loading path runs. Used by ``regionroute.models.clip.load_clip("tiny")``.
+The paper's class (``open_clip.model.CLIP``) and preprocessing at toy sizes (2-layer ViT on 32 px,
+2-layer text tower, open_clip's own BPE), saved as safetensors with ``open_clip_config.json`` and
+loaded back through open_clip's ``local-dir:`` schema by ``load_clip("tiny")``.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
-"""Tokenizers built in code with the ``tokenizers`` library (no files downloaded).
+"""Tokenizers built in code with ``tokenizers`` (nothing downloaded), for the tiny models.
 
-One small BPE vocabulary is trained deterministically on an English corpus of the
-project's instruction templates, style names, COCO category names and caption words.
-Two wrappers share it:
-
-* a **T5-like** tokenizer: SentencePiece-style ``Metaspace`` words, punctuation split
-  off (so ``pixel-art`` becomes ``▁pixel``, ``-``, ``art`` as with real T5), EOS
-  appended, no BOS, ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2;
-* a **CLIP-like** tokenizer: ``<|startoftext|> ... <|endoftext|>``, padded with EOS.
+One small BPE vocabulary trained deterministically on the project's instruction words, shared by
+a T5-like tokenizer (``Metaspace``, ``pixel-art`` -> ``▁pixel``, ``-``, ``art``, EOS, no BOS) and a
+CLIP-like one (``<|startoftext|> ... <|endoftext|>``).
 """
 
 from __future__ import annotations

@@ -1,26 +1,9 @@
-"""The toy Kontext base: FluxKontextPipeline's real classes at miniature sizes, before training.
+"""The toy Kontext base before training: FluxKontextPipeline's real classes at miniature sizes (docs/toy.md).
 
-Used by the toy pipeline's ``base`` stage (:mod:`regionroute.toy.pretrain` trains it) and,
-once saved under ``toy/models/kontext``, by every main-pipeline stage through
-``models.kontext: toy`` (:func:`regionroute.models.kontext.load_kontext`).
-
-Components (all diffusers / transformers classes except the latent):
-
-* ``transformer``: ``FluxTransformer2DModel`` (2 double + 2 single blocks, 4 heads x 64,
-  hidden 256, about 7 M parameters), in_channels = 4 x the latent's channels;
-* ``vae``: :class:`regionroute.toy.latent.PixelShuffleVAE` (exactly invertible, factor 4:
-  64 px -> 8 x 8 tokens of 192 channels);
-* ``text_encoder`` / ``text_encoder_2`` and their tokenizers: the tiny CLIP and T5 of
-  :mod:`regionroute.tiny.kontext` (seeded, frozen: like Kontext's, they are not trained);
-  ``text_mixing`` scales the T5's self-attention output. A random T5 at full mixing
-  spreads every word over every output token (padding included); the toy base then read
-  the style mostly from the ``style``/EOS/padding tokens, not from the style word the
-  attention losses supervise (measured: docs/toy.md). A trained T5 keeps its tokens'
-  identity; ``text_mixing: 0`` makes each T5 token encode its own word only;
-* ``scheduler``: ``FlowMatchEulerDiscreteScheduler`` with Flux's dynamic shifting.
-
-The hidden size must exceed the token width: a hidden of 128 (4 x 32) on 192-channel
-tokens stayed at loss 0.45 and produced noise while scoping the toy world.
+:func:`build_toy_kontext` (toy stage ``base``) makes a ``FluxTransformer2DModel`` (2 + 2 blocks,
+~7 M parameters), the exactly invertible :class:`~regionroute.toy.latent.PixelShuffleVAE`, and the
+frozen tiny CLIP and T5 of :mod:`regionroute.tiny.kontext` (``text_mixing: 0``: each T5 token
+encodes its own word). Saved under ``toy/models/kontext``, it is ``models.kontext: toy``.
 """
 
 from __future__ import annotations

@@ -1,24 +1,9 @@
-"""How good the trained toy base is, and whether the paper's premise holds in it.
+"""How good the trained toy base is, and whether the paper's premise holds in it (docs/toy.md).
 
-The toy pipeline's ``evaluate`` stage. On held-out scenes (a seed stream the pretraining
-never draws), through the same ``FluxKontextPipeline`` calls the main pipeline makes
-(:class:`regionroute.infer.Editor`), it measures per style:
-
-* ``mse_to``: the output's MSE to each style filter's output; ``style_ratio`` = the
-  nearest *other* style's MSE over the requested one's (the issue asks >= 3) and
-  ``psnr`` to the requested filter, for the global instruction
-  ``"make the image into {style} style"``;
-* the premise, for ``"make the {object} into {style} style"``: ``bg_change`` (MSE over
-  the pixels outside the named object) against ``filter_bg_change`` (the same for the
-  filter of the whole image): the base stylizes globally, ratio ~1;
-  ``attn_mass_in`` (share of the style word's attention inside the object, on the token
-  grid) against ``area_frac`` (the object's share of the grid): diffuse attention gives
-  ~1x; ``attn_entropy`` (entropy of the map over log(N), 1 = uniform);
-* colour edits ``"make the {object} {colour}"``: MSE to the recoloured target inside
-  the object and the change outside it (the base grounds object words).
-
-Writes a JSON metrics file (``dvc metrics show``) and a figure: input, then per style
-the base's output for both instructions and the filter's output.
+The toy pipeline's ``evaluate`` stage (:func:`evaluate_base`): on scenes of the seed scheme's
+``evaluate`` stream, through :class:`regionroute.infer.Editor`, per style: how close the global edit
+is to its filter and how far from the others (``style_ratio``), whether the object prompt still
+styles the background (the premise) and where the style word's attention goes; colour edits.
 """
 
 from __future__ import annotations

@@ -1,21 +1,9 @@
-"""Four procedural style filters named after the paper's styles, and the recolour edit.
+"""Four procedural style filters named after the paper's styles, and the recolour edit (docs/toy.md).
 
-Used ONLY to pretrain the toy base (:mod:`regionroute.toy.pretrain`: its global-style and
-recolour targets) and to judge it (:mod:`regionroute.toy.evaluate`, the toy judge's
-training data). The main pipeline never calls them: its pseudo-GT comes from the base's
-own global stylization, as the paper's comes from Kontext's.
-
-Each filter is a deterministic, local function of the image (receptive field <= 5 px, so
-a transformer with 8 x 8-pixel tokens can learn it), batched on ``(B, 3, H, W)`` float
-images in [0, 1]:
-
-* ``pixel-art``: 4 x 4 average pooling, quantisation to the 16-colour PICO-8 palette,
-  nearest-neighbour upsampling: blocky, few flat colours;
-* ``cyberpunk``: a neon gradient map of luminance (deep navy -> violet -> magenta ->
-  cyan), contrast raised;
-* ``expressionism``: a 3 x 3 "brush" blur, saturation x 2.2 with a warm cast, posterised
-  to 3 levels per channel: vivid flat strokes;
-* ``line-art``: dark contours (gradient magnitude of luminance) on white paper.
+:func:`apply_style` (``pixel-art``, ``cyberpunk``, ``expressionism``, ``line-art``) and :func:`recolour`
+are deterministic, local (receptive field <= 5 px), batched on ``(B, 3, H, W)`` in [0, 1]. Used only
+by the toy models' training and evaluation; the main pipeline's pseudo-GT comes from the base's own
+global stylization, as the paper's comes from Kontext's.
 """
 
 from __future__ import annotations

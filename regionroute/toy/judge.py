@@ -1,25 +1,9 @@
-"""The toy judge: a tiny open_clip CLIP trained on styled regions, so that RSM-text means something.
+"""The toy CLIP judge: a tiny open_clip CLIP trained on styled regions, so that RSM-text means something (docs/toy.md).
 
-The toy pipeline's ``judge`` stage; the main pipeline's ``score`` stage loads the result
-with ``score.clip: toy`` through the same code as any open_clip model
-(:func:`regionroute.models.clip.load_clip`, ``local-dir:`` layout: ``open_clip_config.json``
-+ ``open_clip_model.safetensors``).
-
-Training data, made on the fly from procedural scenes (:mod:`regionroute.toy.scenes`): one
-instance per scene, cropped exactly as the score stage crops a region
-(:func:`regionroute.metrics.region.region_crop`, mask bounding box, outside pixels = the
-CLIP mean colour, squared), under one of five classes:
-
-* a style (``"an image in {style} style"``, the score stage's template): the object
-  styled by the style filter, either the whole image or only the object composited onto
-  the original (both leave a styled region);
-* plain (``"an image in plain style"``): the object as drawn, or recoloured.
-
-The loss is CLIP's image-to-text InfoNCE against the five class prompts (every class text
-is a negative for the others). Images go through the preprocessing open_clip builds from
-the saved config, so training and scoring see identical inputs (tested). Held-out
-accuracy (argmax over the five prompts on scenes from another seed stream) is reported
-per class.
+The toy pipeline's ``judge`` stage (:func:`train_judge`); ``score.clip: toy`` loads it like any
+open_clip model. Crops are made as the score stage makes them, from scenes of the seed scheme's
+``judge/train`` stream, under five classes (four styles, plain); held-out accuracy per class on
+the ``judge/eval`` stream.
 """
 
 from __future__ import annotations

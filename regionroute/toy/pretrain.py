@@ -1,37 +1,10 @@
-"""Pretraining the toy Kontext base with flow matching, on scenes generated on the fly.
+"""Pretraining the toy Kontext base on procedural scenes, with the ``train`` stage's flow-matching blocks (docs/toy.md).
 
-The toy pipeline's ``base`` stage. Reuses the training building blocks of the main
-``train`` stage (:mod:`regionroute.flux.flow`: timestep sampling, noising, the
-``[text | target | context]`` sequence with Kontext's ids, the weighted flow loss), so
-the base learns exactly the input convention RegionRoute later fine-tunes on.
-
-Each sample is a fresh procedural scene (:mod:`regionroute.toy.scenes`) and one of three
-edits, which make the paper's premise true by construction:
-
-* ``"make the image into {style} style"`` -> the style filter of the whole image
-  (:mod:`regionroute.toy.filters`): the base learns the four styles, as Kontext did;
-* ``"make the {object} into {style} style"`` -> also the filter of the WHOLE image: like
-  real Kontext, the base stylizes globally even when an object is named;
-* ``"make the {object} {colour}"`` -> only that category's instances recoloured, and
-  ``"make the {object} {tone}"`` (grayscale, negative, blurry: :func:`tone_edit`) -> only
-  they re-toned: the base grounds object words and learns that an edit can stay inside
-  an object (real Kontext makes local non-style edits of many kinds).
-
-With ``pooled_text: false`` the pooled CLIP projection (``time_text_embed.text_embedder``)
-is zero and frozen: the instruction reaches the base only through the T5 tokens in
-attention (its pooled CLIP vector is one global modulation of every token). With the
-pooled path, the 7 M base read the style from that global vector, where attention
-supervision has little to steer (measured: docs/toy.md). With ``text_mixing: 0``
-(:mod:`regionroute.toy.base`) the style can only be read from the style word's own
-T5 tokens, the ones the Focus and Cover losses supervise.
-
-The style filters are used here only; the main pipeline never calls them (its pseudo-GT
-comes from the base's own global stylization, as the paper's comes from Kontext's).
-
-Text embeddings of every possible instruction are computed once (the text encoders are
-frozen). Every step's scenes, tasks, noise and sigmas come from generators seeded by
-``(seed, step)``, so a run resumed from a checkpoint (every ``checkpoint_every`` steps,
-keyed on params and code like the main stage's) ends where an uninterrupted one ends.
+The toy pipeline's ``base`` stage (:func:`pretrain`). Each sample is a scene and one edit that
+makes the paper's premise true: ``make the image into {style} style`` and ``make the {object} into
+{style} style`` both style the whole image; ``make the {object} {colour|tone}`` changes only the
+object. Each step's scenes, tasks and noise come from the seed scheme's ``base`` stream keyed by the
+step, so a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
