@@ -1,11 +1,11 @@
-"""Per-image denoising latency: ``regionroute`` (routed LoRA-MoE) vs ``kontext`` (base), side by side.
+"""Per-image denoising latency: ``regionroute`` (routed LoRA-MoE) vs ``base``, side by side.
 
 Same transformer dims for every mode (real FLUX per-layer sizes, 24 heads x 128; block
 and token counts configurable), the Kontext sequence ``[text | target | context]``, the
 denoising loop's transformer calls (the part of ``FluxKontextPipeline.__call__`` that
 differs between the methods). Modes:
 
-* ``kontext``: the base transformer;
+* ``base``: the base transformer;
 * ``regionroute_merged``: 4 style experts injected, the style's expert merged into the
   base weights once per group of ``--images`` same-style images (what the ``infer``
   stage does with ``infer.merge_expert: true``, the default) and unmerged after; the
@@ -15,7 +15,7 @@ differs between the methods). Modes:
 Each mode runs in a fresh subprocess (so the peak resident memory, read from
 ``getrusage``, is comparable on CPU; on CUDA ``max_memory_allocated`` is used), the
 modes interleaved over the repeats; times are medians. Prints one JSON object per mode
-with ``time_ratio`` and ``peak_mem_ratio`` relative to ``kontext``.
+with ``time_ratio`` and ``peak_mem_ratio`` relative to ``base``.
 
     python benchmarks/infer_latency.py                       # CPU-sized default
     python benchmarks/infer_latency.py --preset kontext1024  # 19+38 blocks, 512 + 2 x 4096 tokens (GPU)
@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 
-MODES = ("kontext", "regionroute_merged", "regionroute_routed")
+MODES = ("base", "regionroute_merged", "regionroute_routed")
 PRESETS = {
     "cpu": {"double": 1, "single": 1, "text": 32, "image": 64, "steps": 4, "images": 4},
     "kontext1024": {"double": 19, "single": 38, "text": 512, "image": 4096, "steps": 28, "images": 4},
@@ -67,7 +67,7 @@ def _worker(args: argparse.Namespace) -> dict:
         "return_dict": False,
     }
     moe = None
-    if args.mode != "kontext":
+    if args.mode != "base":
         moe = inject_lora_moe(model, LoraConfig(), PAPER_STYLES)
         with torch.no_grad():
             for p in moe.trainable_parameters():
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += [f"--{key}", str(getattr(args, key))]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             results[mode].append(json.loads(out.strip().splitlines()[-1]))
-    base_t = statistics.median(r["seconds"] for r in results["kontext"])
-    base_m = max(r["peak_mem_mb"] for r in results["kontext"])
+    base_t = statistics.median(r["seconds"] for r in results["base"])
+    base_m = max(r["peak_mem_mb"] for r in results["base"])
     for mode in MODES:
         t = statistics.median(r["seconds"] for r in results[mode])
         m = max(r["peak_mem_mb"] for r in results[mode])

@@ -1,4 +1,4 @@
-"""Why RegionRoute under-styles the object in the toy world: three diagnostics of a trained run.
+"""Diagnostics of a trained toy run: expert fit, routing, the judges' view, erosion, which T5 tokens and pathway carry the style.
 
 Run after ``dvc repro`` on the toy default (it reads ``models/regionroute``,
 ``data/pseudo_gt/{train,eval}`` and ``data/infer/*``):

@@ -1,26 +1,9 @@
-"""Stage ``stylize``: global stylization of each sampled image with FLUX.1-Kontext.
+"""Stage ``stylize``: global stylization of each sampled image with FLUX.1-Kontext (docs/method.md §1.3).
 
-docs/method.md §1.3. Each cropped original is edited with the instruction
-``stylize.instruction`` (paper: ``"make the image into {style} style"``), one style per
-call, in batches, with a generator seeded per image (``seed + image_id``) so results do
-not depend on batch composition. Output per split::
-
-    <out>/<split>/images/<id>.png   the stylized image, same size as the input crop
-    <out>/<split>/manifest.jsonl     {"id", "style", "stylized", "seed"} per image (written last)
-    <out>/<split>/fingerprint.json   what produced the images (params, model files, code)
-    <out>/<split>/items/<id>.json    each image's input key (its input pixels and seed)
-
-Resumable, keyed on content (:mod:`regionroute.fingerprint`): the split directory's
-fingerprint holds the params, the model files' digest and the code; each image's marker
-holds the digest of its input image's bytes and its seed. A re-run keeps exactly the
-images whose key is unchanged (the DVC output is ``persist: true``), recomputes the
-others, and prunes images of samples no longer in the manifest.
-
-Data-parallel (:mod:`regionroute.distributed`): under ``accelerate launch`` rank 0
-prepares each split directory and decides the to-do list, every rank stylizes its slice
-and writes its images and markers, and rank 0 writes the manifest after a barrier. Seeds
-are per image, so the images do not depend on the number of processes (up to float
-noise from the batch composition).
+:func:`stylize_splits` edits every crop with ``stylize.instruction`` at its own size, in batches,
+each image with the noise ``item_seed("stylize", stylize.seed, image_id)``; writes
+``<out>/<split>/images/<id>.png`` and ``manifest.jsonl``. Resumable, keyed on content
+(:mod:`regionroute.fingerprint`); data-parallel (:mod:`regionroute.distributed`).
 """
 
 from __future__ import annotations
