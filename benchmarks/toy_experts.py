@@ -1,4 +1,4 @@
-"""Diagnostics of a trained toy run: expert fit, routing, the judges' view, erosion, which T5 tokens and pathway carry the style.
+"""Diagnostics of a trained toy run: expert fit, routing, the judges' view, erosion, where the style is read.
 
 Run after ``dvc repro`` on the toy default (it reads ``models/regionroute``,
 ``data/pseudo_gt/{train,eval}`` and ``data/infer/*``):
