@@ -1,5 +1,5 @@
 """Accounting without weights: exact counts at the real dimensions, LoRA key names diffusers loads,
-and the activation tracer validated on CPU (regionroute.accounting, regionroute.memtrace)."""
+and the activation tracer validated on CPU (regionroute.check.accounting, regionroute.check.memtrace)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import warnings
 import pytest
 import torch
 
-from regionroute.accounting import account, lora_summary, optimizer_state_bytes
+from regionroute.check.accounting import account, lora_summary, optimizer_state_bytes
+from regionroute.check.configs import FLUX_KONTEXT_DEV
+from regionroute.check.memtrace import FluxCall, LiveBytes, cuda_autocast, cuda_float32_policy, trace_flux
 from regionroute.config import load_params, load_section
-from regionroute.memtrace import FluxCall, LiveBytes, cuda_autocast, cuda_float32_policy, trace_flux
-from regionroute.model_configs import FLUX_KONTEXT_DEV
 from tests.conftest import ROOT
 
 PAPER = ROOT / "configs" / "paper.yaml"

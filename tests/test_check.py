@@ -10,8 +10,8 @@ import torch
 import yaml
 
 import regionroute.check as chk
-from regionroute.check import check, format_report, preflight
-from regionroute.check_models import check_clip, check_kontext, check_lpips, check_vlm
+from regionroute.check import check, device, format_report, preflight
+from regionroute.check.models import check_clip, check_kontext, check_lpips, check_vlm
 from regionroute.cli import main
 from regionroute.errors import UserError
 from tests.conftest import DEMO, ROOT
@@ -74,7 +74,7 @@ def test_default_params_pass(capsys):
 @pytest.fixture
 def toy_models(tmp_path: Path, monkeypatch) -> Path:
     """Stand-ins for the committed toy models (toy/models/kontext, toy/models/clip): same layouts."""
-    import regionroute.refs as refs
+    import regionroute.check.sources as refs
     from regionroute.tiny.clip import save_tiny_clip
     from regionroute.tiny.kontext import save_tiny_kontext
 
@@ -177,12 +177,12 @@ def test_coco_layout_and_counts(tmp_path, demo_copy):
 
 # -- device, memory, settings -----------------------------------------------------------------------------
 def test_memory_shortfall_is_an_error_per_stage(tmp_path, monkeypatch):
-    monkeypatch.setattr(chk, "_free_bytes", lambda device: (2**20, "free in the test"))
+    monkeypatch.setattr(device, "free_bytes", lambda kind: (2**20, "free in the test"))
     found = errors(check(DEMO_PARAMS))
     for stage in ("stylize", "train", "infer", "score"):
         assert found[stage].startswith(f"error: {stage}: needs ") and "1 MiB free in the test" in found[stage]
         assert "the weights alone need" in found[stage]
-    monkeypatch.setattr(chk, "_free_bytes", lambda device: (4 * 2**20, "free in the test"))
+    monkeypatch.setattr(device, "free_bytes", lambda kind: (4 * 2**20, "free in the test"))
     found = errors(check(DEMO_PARAMS))
     assert "lower stylize.batch_size" in found["stylize"]
     assert "encoding the dataset needs" in found["train"]  # the demo's VAE pass on 8 images is its peak
@@ -190,7 +190,7 @@ def test_memory_shortfall_is_an_error_per_stage(tmp_path, monkeypatch):
     params = write_params(tmp_path, train={"gradient_checkpointing": False, "batch_size": 64})
     train = check(params).accounting.stages["train"]
     assert train.weights + train.trainable + train.activations > train.detail["encode_phase"] + 2**20
-    monkeypatch.setattr(chk, "_free_bytes", lambda device: (train.detail["encode_phase"] + 2**20, "free"))
+    monkeypatch.setattr(device, "free_bytes", lambda kind: (train.detail["encode_phase"] + 2**20, "free"))
     assert "set train.gradient_checkpointing: true" in errors(check(params))["train"]
 
 
@@ -239,9 +239,9 @@ def test_preflight_raises_the_stage_problems(tmp_path, monkeypatch):
     preflight(params, "train")  # the VLM is not the train stage's business
     with pytest.raises(UserError, match=r"score.vlm: org/not-downloaded is not in the local Hugging Face cache"):
         preflight(params, "score")
-    monkeypatch.setattr(chk, "_free_bytes", lambda device: (2**20, "free in the test"))
+    monkeypatch.setattr(device, "free_bytes", lambda kind: (2**20, "free in the test"))
     preflight(DEMO_PARAMS, "train")  # on the CPU the stage runs without the memory trace
-    monkeypatch.setattr(chk, "_device", lambda params, stage: ("models.device", "cuda"))
+    monkeypatch.setattr(device, "stage_device", lambda params, stage: ("models.device", "cuda"))
     with pytest.raises(UserError, match=r"^train: needs .* on cuda \(models.device\)"):
         preflight(DEMO_PARAMS, "train")
     with pytest.raises(ValueError, match="unknown stage"):

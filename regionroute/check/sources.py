@@ -1,20 +1,9 @@
-"""Where a model reference's files are, found without downloading anything (``regionroute check``).
+"""Where a model's files are, found without downloading anything (``regionroute check``).
 
-Used by :mod:`regionroute.check` (is every model of the params present, and if not, the
-exact command that fetches it) and by :mod:`regionroute.accounting` (the configs of the
-models actually configured). A reference is resolved as the loaders in
-:mod:`regionroute.models` resolve it, but only *looks*:
-
-* ``"tiny"``: built in code, always available, no files;
-* ``"toy"``: the trained miniature committed in the repository,
-  ``toy/models/kontext`` (a diffusers pipeline directory) or ``toy/models/clip``
-  (open_clip's ``local-dir`` layout);
-* an existing local directory;
-* a hub id (``org/name``): looked up in the local Hugging Face cache with
-  ``huggingface_hub.try_to_load_from_cache`` (files on disk only, never the network).
-
-open_clip references (``"ViT-L-14/openai"``) go through open_clip's pretrained registry,
-which names the hub repository and file it would fetch.
+:class:`FileSource`: a local directory, or a hub repository looked up in the local Hugging Face
+cache (``huggingface_hub.try_to_load_from_cache``: files on disk only, never the network).
+Used by :mod:`regionroute.check.models` (which files are missing, and :func:`fetch_command`, the
+command that fetches them) and :mod:`regionroute.check.configs` (the configs of the configured models).
 """
 
 from __future__ import annotations

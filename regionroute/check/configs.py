@@ -1,11 +1,9 @@
 """Configs of the configured models, read without weights (docs/method.md §2, "Memory").
 
-Used by :mod:`regionroute.accounting`. A model's own ``config.json`` files are read when they
-are on disk (a local or ``toy`` directory, the Hugging Face cache: :class:`~regionroute.refs.FileSource`);
-a hub model that is not downloaded yet falls back to the real configs written below, copied
-from its repository's files (black-forest-labs/FLUX.1-Kontext-dev: ``transformer/``,
-``text_encoder/``, ``text_encoder_2/``, ``vae/config.json``; Qwen/Qwen2.5-VL-7B-Instruct:
-``config.json``). ``tiny`` models are built in code on the ``meta`` device to read theirs.
+Used by :mod:`regionroute.check.accounting`. A model's own ``config.json`` files are read when
+they are on disk (:class:`~regionroute.check.sources.FileSource`); a hub model that is not
+downloaded yet falls back to the real configs written below, copied from its repository
+(FLUX.1-Kontext-dev's components, Qwen2.5-VL-7B-Instruct). ``tiny`` models are built on ``meta``.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from typing import Any
 
 import torch
 
-from regionroute.refs import FileSource, toy_dir
+from regionroute.check.sources import FileSource, toy_dir
 
 __all__ = [
     "FLUX_KONTEXT_DEV",

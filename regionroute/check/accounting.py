@@ -1,24 +1,10 @@
 """Memory accounting of each GPU stage at the configured dimensions, without weights (docs/method.md §2, "Memory").
 
-Used by ``regionroute check`` (the table and ``--json``'s ``accounting``) and by
-:func:`regionroute.check.preflight`. Every model of the params is built from its config on
-PyTorch's ``meta`` device (shapes, no storage): parameter counts are exact, and the LoRA-MoE
-is injected with :func:`regionroute.lora_moe.inject_lora_moe` exactly as ``train`` does.
-Configs come from the model's own files when they are on disk (a local or ``toy``
-directory, the Hugging Face cache), else from the real FLUX.1-Kontext-dev /
-Qwen2.5-VL-7B configs written below. Activation memory is *measured*: each stage's calls
-run on fake tensors (:mod:`regionroute.memtrace`), at the configured batch, text length and
-resolution, in the configured precision.
-
-A stage needs ``weights + trainable + activations + reserve`` bytes on its device:
-
-* ``weights``: parameters resident on the device, in their dtype;
-* ``trainable`` (train): expert parameters + gradients + optimizer state (AdamW: two moments
-  in the parameter dtype; bitsandbytes AdamW8bit: two uint8 states plus a float32 absmax
-  per 2048 elements for tensors of >= 4096 elements, float32 states below);
-* ``activations``: the traced peak of the stage's largest call;
-* ``reserve``: :data:`RUNTIME_RESERVE`, an assumed allowance for what is not a tensor (CUDA
-  context, cuBLAS/cuDNN workspaces, allocator rounding and fragmentation).
+:func:`account` builds every model of the params from its config (:mod:`.configs`) on the
+``meta`` device (exact parameter counts; the LoRA-MoE injected as ``train`` does) and traces
+each stage's calls on fake tensors (:mod:`.memtrace`). A stage needs ``weights + trainable +
+activations + reserve`` bytes: trainable = experts + grads + optimizer state (AdamW, or AdamW8bit's
+uint8 states), reserve = :data:`RUNTIME_RESERVE` (assumed: CUDA context, workspaces, allocator).
 """
 
 from __future__ import annotations
@@ -36,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from regionroute.config import Params
-from regionroute.memtrace import (
+from regionroute.check.configs import clip_model_cfg, kontext_configs, vae_class, vae_scale_factor, vlm_config
+from regionroute.check.memtrace import (
     FluxCall,
     clip_text_peak,
     lpips_builder,
@@ -48,7 +34,7 @@ from regionroute.memtrace import (
     vae_peak,
     vlm_language_peak,
 )
-from regionroute.model_configs import clip_model_cfg, kontext_configs, vae_class, vae_scale_factor, vlm_config
+from regionroute.config import Params
 
 __all__ = [
     "RUNTIME_RESERVE",
@@ -106,7 +92,11 @@ def lora_summary(transformer_cfg: dict[str, Any], lora: Any, experts: tuple[str,
 
 
 def optimizer_state_bytes(shapes: list[tuple[int, ...]], param_bytes: int, optimizer: str) -> int:
-    """Optimizer state of the given parameter tensors (see the module docstring)."""
+    """Optimizer state of the given parameter tensors.
+
+    AdamW: two moments in the parameter dtype; bitsandbytes AdamW8bit: two uint8 states plus a float32
+    absmax per 2048 elements for tensors of >= 4096 elements, float32 states below, and two quantization maps.
+    """
     numels = [math.prod(s) for s in shapes]
     if optimizer == "adamw":
         return 2 * sum(numels) * param_bytes
@@ -122,8 +112,8 @@ def _source_digest() -> str:
     import transformers
 
     digest = hashlib.sha256(f"{torch.__version__}|{diffusers.__version__}|{transformers.__version__}".encode())
-    root = Path(__file__).parent
-    for rel in ("memtrace.py", "accounting.py", "losses.py", "flux/attention.py", "lora_moe/layer.py"):
+    root = Path(__file__).parents[1]
+    for rel in ("check/memtrace.py", "check/accounting.py", "losses.py", "flux/attention.py", "lora_moe/layer.py"):
         digest.update((root / rel).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -148,7 +138,12 @@ def _cached_peak(key: dict[str, Any], compute: Callable[[], int], use_cache: boo
 # -- per stage --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StageMemory:
-    """What one stage needs on its device, in bytes (see the module docstring)."""
+    """What one stage needs on its device, in bytes.
+
+    ``weights``: parameters resident on the device, in their dtype; ``trainable`` (train): expert
+    parameters + gradients + optimizer state; ``activations``: the traced peak of the stage's largest
+    call; ``reserve``: :data:`RUNTIME_RESERVE`, for what is not a tensor.
+    """
 
     stage: str
     weights: int

@@ -1,58 +1,27 @@
-"""The model part of ``regionroute check``: is each model reference's files on disk? (docs/method.md §2).
+"""The model part of ``regionroute check``: are each model reference's files on disk? (docs/method.md §2).
 
-Used by :mod:`regionroute.check` (and so by ``preflight``). One :class:`Finding` per model
-reference of the params -- ``models.kontext``, ``score.clip``, ``score.lpips``,
-``score.vlm`` -- resolved as :mod:`regionroute.refs` describes; a missing model is named
-with the exact command that fetches it. Nothing is downloaded.
+One :class:`~regionroute.check.report.Finding` per model of the params (``models.kontext``,
+``score.clip``, ``score.lpips``, ``score.vlm``), found as :mod:`regionroute.check.sources` finds
+files; a missing model is named with the exact command that fetches it. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
+from regionroute.check.report import Finding, listed
+from regionroute.check.sources import OPEN_CLIP_WEIGHTS, FileSource, fetch_command, missing_pipeline_files, toy_dir
 from regionroute.config import Params
-from regionroute.refs import OPEN_CLIP_WEIGHTS, FileSource, fetch_command, missing_pipeline_files, toy_dir
 
-__all__ = [
-    "KONTEXT_STAGES",
-    "Finding",
-    "check_clip",
-    "check_kontext",
-    "check_lpips",
-    "check_models",
-    "check_vlm",
-    "listed",
-]
+__all__ = ["KONTEXT_STAGES", "check_clip", "check_kontext", "check_lpips", "check_models", "check_vlm"]
 
-Level = Literal["error", "warning", "ok"]
 #: The stages that load ``models.kontext``.
 KONTEXT_STAGES: tuple[str, ...] = ("stylize", "train", "infer")
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One line of the report; ``stages``: the stages it concerns (empty: the whole pipeline)."""
-
-    level: Level
-    key: str  # params key or file
-    what: str
-    fix: str = ""
-    stages: tuple[str, ...] = ()
-
-    def line(self) -> str:
-        return f"{self.level}: {self.key}: {self.what}" + (f" ({self.fix})" if self.fix else "")
-
-
-def listed(items: list[str]) -> str:
-    return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
-
-
-# -- models ---------------------------------------------------------------------------------------
 def _local_or_hub(ref: str, toy: str) -> FileSource | str:
     """A FileSource for a ``toy`` / local-directory / hub reference, or the reason it is none."""
     if ref == "toy":
@@ -92,7 +61,7 @@ def check_clip(ref: str) -> Finding:
     """``score.clip``: tiny, an open_clip local directory / ``hf-hub:`` repo, or ``<model>/<pretrained>``."""
     import open_clip
 
-    from regionroute.refs import open_clip_weights
+    from regionroute.check.sources import open_clip_weights
 
     key, stages = "score.clip", ("score",)
     if ref == "tiny":
@@ -168,7 +137,7 @@ def check_vlm(ref: str) -> Finding:
     src = _local_or_hub(ref, "vlm")
     if isinstance(src, str):
         return Finding("error", key, src, "give 'tiny', a hub id or a model directory", stages)
-    from regionroute.refs import missing_weights
+    from regionroute.check.sources import missing_weights
 
     needed = ["config.json", "tokenizer_config.json", "preprocessor_config.json"]
     missing = [f for f in needed if src.path(f) is None]

@@ -355,7 +355,7 @@ def vae_peak(cfg: dict[str, Any], batch: int, res: int, dtype: torch.dtype, deco
     The class is the config's (``AutoencoderKL``, or the toy world's ``PixelShuffleVAE``); the
     latent side is ``res / 2 ** (len(block_out_channels) - 1)``, as the pipeline computes it.
     """
-    from regionroute.model_configs import vae_class, vae_scale_factor
+    from regionroute.check.configs import vae_class, vae_scale_factor
 
     side = res // vae_scale_factor(cfg)
     if decode:
