@@ -14,6 +14,7 @@ from regionroute.check import check, device, format_report, preflight
 from regionroute.check.models import check_clip, check_kontext, check_lpips, check_vlm
 from regionroute.cli import main
 from regionroute.errors import UserError
+from regionroute.models import Reference, parse_reference, resolve_reference
 from tests.conftest import DEMO, ROOT
 
 KONTEXT = "black-forest-labs/FLUX.1-Kontext-dev"
@@ -74,14 +75,14 @@ def test_default_params_pass(capsys):
 @pytest.fixture
 def toy_models(tmp_path: Path, monkeypatch) -> Path:
     """Stand-ins for the committed toy models (toy/models/kontext, toy/models/clip): same layouts."""
-    import regionroute.check.sources as refs
+    from regionroute import models
     from regionroute.tiny.clip import save_tiny_clip
     from regionroute.tiny.kontext import save_tiny_kontext
 
     root = tmp_path / "toy" / "models"
     save_tiny_kontext(root / "kontext")
     save_tiny_clip(root / "clip")
-    monkeypatch.setattr(refs, "TOY_MODELS", root)
+    monkeypatch.setattr(models, "REPO_ROOT", tmp_path)
     return root
 
 
@@ -153,9 +154,62 @@ def test_lpips_weights_are_a_warning_until_fetched(isolated, monkeypatch):
 
 
 def test_bad_references():
-    assert "not a hub id" in check_kontext("./no/such/dir").what
+    assert "no such directory" in check_kontext("./no/such/dir").what
+    assert "not a hub id" in check_kontext("a/b/c").what
     assert "unknown open_clip model" in check_clip("ViT-Q-99/openai").what
     assert "neither a pretrained tag" in check_clip("ViT-L-14/no-such-tag").what
+
+
+# -- model references: one parser for the loaders and the check ------------------------------------------
+@pytest.mark.parametrize(
+    ("ref", "open_clip", "expected"),
+    [
+        ("tiny", False, Reference("tiny", "tiny")),
+        ("models/flux", False, Reference("dir", "models/flux", path=Path("models/flux"))),  # models/ is here: a path
+        ("./models/flux", False, Reference("dir", "./models/flux", path=Path("models/flux"))),
+        ("org/name", False, Reference("hub", "org/name", repo="org/name")),  # no org/ here: a hub id
+        ("ViT-L-14/openai", True, Reference("open_clip", "ViT-L-14/openai")),
+        ("ViT-B-32//ckpt/file.pt", True, Reference("open_clip", "ViT-B-32//ckpt/file.pt")),  # a checkpoint file
+        ("hf-hub:org/repo", True, Reference("hub", "hf-hub:org/repo", repo="org/repo")),
+        ("models/flux", True, Reference("dir", "models/flux", path=Path("models/flux"))),
+    ],
+)  # fmt: skip
+def test_parse_reference(tmp_path, monkeypatch, ref, open_clip, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "flux").mkdir(parents=True)
+    assert parse_reference(ref, "kontext", open_clip=open_clip) == expected
+
+
+@pytest.mark.parametrize("ref", ["models/none", "./x", "models/flux/none"])
+def test_a_relative_path_that_does_not_exist_is_a_missing_directory_not_a_hub_id(tmp_path, monkeypatch, ref):
+    """``models/none`` beside an existing ``models/``: the loaders and the check say 'no such directory'."""
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "flux").mkdir(parents=True)
+    finding = check_kontext(ref)
+    assert finding.level == "error" and finding.what == f"model reference {ref!r}: no such directory"
+    assert "hf download" not in finding.fix and "Hugging Face" not in finding.what
+    assert check_vlm(ref).what == finding.what and check_clip(ref).what == finding.what
+    with pytest.raises(UserError, match="no such directory"):
+        resolve_reference(ref, "kontext", lambda path: None, "1")
+    with pytest.raises(UserError, match="no such directory"):
+        parse_reference(ref, "clip", open_clip=True)
+
+
+def test_file_and_toy_references(tmp_path, monkeypatch):
+    from regionroute import models
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.safetensors").touch()
+    with pytest.raises(UserError, match="is a file, expected a model directory"):
+        models.parse_reference("weights.safetensors", "kontext")
+    monkeypatch.setattr(models, "REPO_ROOT", tmp_path)
+    with pytest.raises(UserError, match=r"toy/models/kontext does not exist.*dvc repro --force toy/dvc.yaml"):
+        models.resolve_reference("toy", "kontext", lambda path: None, "1")
+    assert "toy/models/kontext does not exist" in check_kontext("toy").what
+    (tmp_path / "toy" / "models" / "kontext").mkdir(parents=True)
+    assert models.resolve_reference("toy", "kontext", lambda path: None, "1") == str(tmp_path / "toy/models/kontext")
+    assert "lacks model_index.json" in check_kontext("toy").what
 
 
 # -- data --------------------------------------------------------------------------------------------------

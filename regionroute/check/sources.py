@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from regionroute.models import REPO_ROOT
+from regionroute.models import Reference
 
 __all__ = [
     "GATED",
-    "TOY_MODELS",
+    "OPEN_CLIP_WEIGHTS",
     "FileSource",
     "fetch_command",
     "hf_cli",
@@ -25,11 +25,8 @@ __all__ = [
     "missing_pipeline_files",
     "missing_weights",
     "open_clip_weights",
-    "toy_dir",
 ]
 
-#: ``toy`` references: ``models.kontext: toy`` -> ``toy/models/kontext``, ``score.clip: toy`` -> ``toy/models/clip``.
-TOY_MODELS = REPO_ROOT / "toy" / "models"
 #: Hub repositories whose licence must be accepted on their page before a download works.
 GATED: frozenset[str] = frozenset({"black-forest-labs/FLUX.1-Kontext-dev"})
 
@@ -60,6 +57,11 @@ class FileSource:
     root: Path | None = None  # local directory
     repo: str | None = None  # hub repository id
     cache_dir: Path | None = None  # HF hub cache (None: huggingface_hub's default)
+
+    @classmethod
+    def of(cls, ref: Reference, cache_dir: Path | None = None) -> FileSource:
+        """The files of a parsed ``toy``, directory or hub reference (:func:`regionroute.models.parse_reference`)."""
+        return cls(repo=ref.repo, cache_dir=cache_dir) if ref.kind == "hub" else cls(root=ref.path)
 
     @property
     def cache_root(self) -> str:
@@ -92,14 +94,6 @@ class FileSource:
             return json.loads(p.read_text())
         except (OSError, ValueError):
             return None
-
-
-def toy_dir(name: str) -> Path:
-    """The directory a ``toy`` reference names (``toy/models/<name>``), existing or not.
-
-    The loaders resolve it with :func:`regionroute.models.toy_dir`, which raises when absent.
-    """
-    return TOY_MODELS / name
 
 
 def missing_weights(src: FileSource, folder: str, library: str) -> list[str]:

@@ -1,18 +1,9 @@
 """Loading the CLIP model of the RSM metric (docs/method.md section 7) with open_clip.
 
-Used by the ``score`` stage through :class:`regionroute.metrics.rses.RSESScorer`. A
-reference is one of:
-
-* ``"tiny"``: the random tiny CLIP of :mod:`regionroute.tiny.clip`, built once into the cache;
-* ``"toy"``: the toy world's judge, trained contrastively on styled regions
-  (``toy/models/clip``, built by ``toy/dvc.yaml``);
-* a local directory holding ``open_clip_config.json`` + weights (open_clip's
-  ``local-dir:`` layout, as ``hf-hub`` repositories ship);
-* ``"hf-hub:org/repo"``;
-* ``"<model>/<pretrained>"`` with an open_clip model name and a pretrained tag or a
-  local checkpoint file: ``"ViT-L-14/openai"`` is the paper's. Tags are fetched through
-  the Hugging Face cache, so offline they must already be there.
-
+Used by the ``score`` stage through :class:`regionroute.metrics.rses.RSESScorer`. References are
+parsed by :func:`regionroute.models.parse_reference` (``open_clip=True``): ``tiny``, ``toy``, a directory in
+open_clip's ``local-dir:`` layout, ``hf-hub:org/repo``, or ``<model>/<pretrained>``
+(``ViT-L-14/openai``, the paper's; tags are fetched through the Hugging Face cache).
 Only safetensors / ``weights_only`` checkpoints are loaded.
 """
 
@@ -25,7 +16,7 @@ from typing import Any
 import torch
 
 from regionroute.errors import UserError
-from regionroute.models import TINY, TOY, resolve_device, resolve_reference, toy_dir
+from regionroute.models import TINY, parse_reference, resolve_device, resolve_reference
 
 __all__ = ["load_clip"]
 
@@ -36,20 +27,19 @@ def _split_spec(ref: str) -> tuple[str, dict[str, Any]]:
 
     from regionroute.tiny.clip import TINY_CLIP_VERSION, save_tiny_clip
 
-    if ref == TINY:
+    try:
+        parsed = parse_reference(ref, "clip", open_clip=True)
+    except UserError as exc:
+        raise UserError(f"models.clip: {exc}") from None
+    if parsed.kind == TINY:
         return "local-dir:" + resolve_reference(ref, "clip", save_tiny_clip, TINY_CLIP_VERSION), {}
-    if ref == TOY:
-        return f"local-dir:{toy_dir('clip')}", {}
-    if ref.startswith("hf-hub:"):
+    if parsed.kind == "hub":
         return ref, {}
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        if not (path / "open_clip_config.json").is_file():
+    if parsed.path is not None:
+        if not (parsed.path / "open_clip_config.json").is_file():
             raise UserError(f"models.clip: {ref!r} has no open_clip_config.json")
-        return f"local-dir:{path}", {}
-    name, sep, pretrained = ref.partition("/")
-    if not sep or not pretrained:
-        raise UserError(f"models.clip: {ref!r} is not 'tiny', a directory, 'hf-hub:org/repo' or '<model>/<pretrained>'")
+        return f"local-dir:{parsed.path}", {}
+    name, _, pretrained = ref.partition("/")
     if name not in open_clip.list_models():
         raise UserError(f"models.clip: unknown open_clip model {name!r} in {ref!r}")
     kwargs: dict[str, Any] = {"pretrained": pretrained}
