@@ -22,7 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from regionroute.check.configs import clip_model_cfg, kontext_configs, vae_class, vae_scale_factor, vlm_config
+from regionroute.check.configs import (
+    KontextConfigs,
+    clip_model_cfg,
+    kontext_configs,
+    vae_class,
+    vae_scale_factor,
+    vlm_config,
+)
 from regionroute.check.memtrace import (
     FluxCall,
     clip_text_peak,
@@ -35,6 +42,7 @@ from regionroute.check.memtrace import (
     vlm_language_peak,
 )
 from regionroute.config import Params
+from regionroute.models import DTYPES
 
 __all__ = [
     "RUNTIME_RESERVE",
@@ -52,9 +60,6 @@ RUNTIME_RESERVE = GIB
 STYLE_TOKENS = 3
 #: Prompt tokens of one VLM question besides the image (chat template + question, measured ~40).
 VLM_TEXT_TOKENS = 64
-
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _meta(build: Callable[[], nn.Module]) -> nn.Module:
@@ -190,6 +195,157 @@ class Accounting:
         return out
 
 
+# -- the steps of the accounting --------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Peaks:
+    """Traced activation peaks, cached on disk by content; every peak is None when ``activations`` is off."""
+
+    activations: bool
+    use_cache: bool
+
+    def __call__(self, name: str, key: dict[str, Any], compute: Callable[[], int]) -> int | None:
+        return _cached_peak({"what": name, **key}, compute, self.use_cache) if self.activations else None
+
+
+def _largest(parts: dict[str, int | None]) -> int | None:
+    """The largest part; None when a part was not traced."""
+    return None if any(v is None for v in parts.values()) else max(v for v in parts.values() if v is not None)
+
+
+@dataclass(frozen=True)
+class _Kontext:
+    """The Kontext pipeline of the params, counted: what the stylize, train and infer accounting share."""
+
+    configs: KontextConfigs
+    dtype: str  # models.dtype
+    grid: tuple[int, int]  # target-image token grid (h, w)
+    counts: dict[str, int]  # parameters per component
+    lora: dict[str, Any]  # lora_summary of the experts
+    trainable: dict[str, int]  # bytes: params, grads, optimizer, total
+
+    @property
+    def weights(self) -> int:
+        """Bytes of the four components in ``models.dtype``."""
+        return DTYPES[self.dtype].itemsize * sum(self.counts.values())
+
+
+def _token_grid(resolution: int, kc: KontextConfigs | None) -> tuple[int, int]:
+    """One token per 2x2 latent patch: 16 px with FLUX's VAE (f = 8), 8 px with the toy latent (f = 4)."""
+    patch = 2 * (vae_scale_factor(kc.vae) if kc is not None else 8)
+    return resolution // patch, resolution // patch
+
+
+def _tokens(params: Params, grid: tuple[int, int]) -> dict[str, dict[str, int]]:
+    """Text, target and context tokens of each Kontext stage's transformer sequence."""
+    n = grid[0] * grid[1]
+    tr, inf = params.train, params.infer
+    lengths = {
+        "stylize": params.stylize.max_sequence_length,
+        "train": tr.max_sequence_length,
+        "infer": inf.max_sequence_length or tr.max_sequence_length,
+    }
+    return {s: {"text": L, "image": n, "context": n, "sequence": L + 2 * n} for s, L in lengths.items()}
+
+
+def _kontext(params: Params, kc: KontextConfigs, grid: tuple[int, int]) -> _Kontext:
+    """Parameter counts of the pipeline's components and the experts' trainable state."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    lora = lora_summary(kc.transformer, params.lora, params.data.styles)
+    counts = {
+        "transformer": lora["base_params"],
+        "text_encoder": _n_params(_meta(lambda: CLIPTextModel(CLIPTextConfig(**kc.text_encoder)))),
+        "text_encoder_2": _n_params(_meta(lambda: T5EncoderModel(T5Config(**kc.text_encoder_2)))),
+        "vae": _n_params(_meta(lambda: vae_class(kc.vae).from_config(kc.vae))),
+    }
+    n_lora, lb = lora["lora_params"]["total"], DTYPES[params.lora.dtype].itemsize
+    trainable = {"params": n_lora * lb, "grads": n_lora * lb}
+    trainable["optimizer"] = optimizer_state_bytes(lora["trainable_shapes"], lb, params.train.optimizer)
+    trainable["total"] = sum(trainable.values())
+    return _Kontext(kc, params.models.dtype, grid, counts, lora, trainable)
+
+
+def _encoder_peaks(
+    k: _Kontext, peaks: _Peaks, batch: int, length: int, res: int, decode: bool
+) -> dict[str, int | None]:
+    """Peaks of T5 and CLIP on the prompts and of the VAE encoding (and ``decode``: decoding) the images."""
+    kc, wdt = k.configs, DTYPES[k.dtype]
+    key = {"cfg": asdict(kc), "dtype": k.dtype, "batch": batch, "length": length, "res": res}
+    parts = {
+        "t5": peaks("t5", key, lambda: t5_peak(kc.text_encoder_2, batch, length, wdt)),
+        "clip_text": peaks("clip", key, lambda: clip_text_peak(kc.text_encoder, batch, wdt)),
+        "vae_encode": peaks("vae_encode", key, lambda: vae_peak(kc.vae, batch, res, wdt, False)),
+    }
+    if decode:
+        parts["vae_decode"] = peaks("vae_decode", key, lambda: vae_peak(kc.vae, batch, res, wdt, True))
+    return parts
+
+
+def _flux_peak(k: _Kontext, peaks: _Peaks, call: FluxCall) -> int | None:
+    """Peak of one transformer call."""
+    key = {"cfg": k.configs.transformer, "dtype": k.dtype, "call": asdict(call)}
+    return peaks("flux", key, lambda: trace_flux(k.configs.transformer, DTYPES[k.dtype], call).peak)
+
+
+def _stylize(params: Params, k: _Kontext, peaks: _Peaks) -> StageMemory:
+    """Base Kontext's global edit: the encoders, one denoising step, the VAE decode."""
+    sty = params.stylize
+    parts = _encoder_peaks(k, peaks, sty.batch_size, sty.max_sequence_length, params.sample.resolution, True)
+    call = FluxCall(sty.batch_size, sty.max_sequence_length, k.grid, False, guidance=sty.guidance)
+    parts["transformer"] = _flux_peak(k, peaks, call)
+    return StageMemory("stylize", k.weights, 0, _largest(parts), detail=parts)
+
+
+def _train(params: Params, k: _Kontext, peaks: _Peaks, alternatives: bool) -> StageMemory:
+    """Two phases: encoding the dataset (all weights), then training (the transformer and the experts)."""
+    from regionroute.objective import encode_dataset
+
+    tr, lcfg, loss = params.train, params.lora, params.loss
+    enc_batch = inspect.signature(encode_dataset).parameters["batch_size"].default
+    supervise = loss.focus_weight > 0 or loss.cover_weight > 0
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tr.mixed_precision)
+    attention = (loss.direction, loss.normalize, loss.layers) if supervise else None
+
+    def call(ckpt: bool) -> FluxCall:
+        return FluxCall(
+            tr.batch_size, tr.max_sequence_length, k.grid, True, ckpt, amp, lcfg, params.data.styles,
+            attention, loss, tr.guidance, STYLE_TOKENS,
+        )  # fmt: skip
+
+    enc = _encoder_peaks(k, peaks, enc_batch, tr.max_sequence_length, params.sample.resolution, False)
+    parts: dict[str, int | None] = {f"encode_{name}": v for name, v in enc.items()}
+    parts["encode_weights"] = k.weights
+    parts["encode_phase"] = None if _largest(enc) is None else k.weights + _largest(enc)
+    act = _flux_peak(k, peaks, call(tr.gradient_checkpointing))
+    parts["transformer"] = act
+    parts[f"transformer_checkpointing_{'on' if tr.gradient_checkpointing else 'off'}"] = act
+    if alternatives:
+        other = _flux_peak(k, peaks, call(not tr.gradient_checkpointing))
+        parts[f"transformer_checkpointing_{'off' if tr.gradient_checkpointing else 'on'}"] = other
+    weights = DTYPES[k.dtype].itemsize * k.counts["transformer"]
+    note = f"encoders freed after caching latents/embeddings (batch {enc_batch}); the larger phase counts"
+    return StageMemory("train", weights, k.trainable["total"], act, detail=parts, note=note)
+
+
+def _infer(params: Params, k: _Kontext, peaks: _Peaks) -> StageMemory:
+    """One edit: the encoders, denoising steps with the experts and the recorder (its maps kept), the decode."""
+    inf, lcfg = params.infer, params.lora
+    length = inf.max_sequence_length or params.train.max_sequence_length
+    merged = inf.merge_expert and lcfg.routing == "style"
+    parts = _encoder_peaks(k, peaks, inf.batch_size, length, params.sample.resolution, True)
+    call = FluxCall(
+        inf.batch_size, length, k.grid, False, lora=None if merged else lcfg, experts=params.data.styles,
+        attention=(inf.attention_direction, "all", "all"), guidance=inf.guidance, style_tokens=STYLE_TOKENS,
+    )  # fmt: skip
+    one = _flux_peak(k, peaks, call)
+    n_layers = int(k.configs.transformer["num_layers"]) + int(k.configs.transformer["num_single_layers"])
+    n = k.grid[0] * k.grid[1]
+    records = (inf.steps - 1) * n_layers * inf.batch_size * n * 4  # float32 maps kept for every step
+    parts["transformer"] = None if one is None else one + records
+    lora_bytes = k.lora["lora_params"]["total"] * DTYPES[lcfg.dtype].itemsize
+    return StageMemory("infer", k.weights + lora_bytes, 0, _largest(parts), detail=parts)
+
+
 def account(
     params: Params,
     *,
@@ -203,124 +359,36 @@ def account(
 
     ``alternatives`` also traces training with the other ``train.gradient_checkpointing`` setting.
     """
-    m, lcfg, tr, inf, sty = params.models, params.lora, params.train, params.infer, params.stylize
-    res = params.sample.resolution
-    kc = kontext_configs(m.kontext, hf_cache) if {"stylize", "train", "infer"} & set(stages) else None
-    # one token per 2x2 latent patch: 16 px with FLUX's VAE (f = 8), 8 px with the toy latent (f = 4)
-    patch = 2 * (vae_scale_factor(kc.vae) if kc is not None else 8)
-    grid = (res // patch, res // patch)
-    n = grid[0] * grid[1]
-    wdt, wb, lb = _DTYPES[m.dtype], _DTYPE_BYTES[m.dtype], _DTYPE_BYTES[lcfg.dtype]
-    infer_len = inf.max_sequence_length or tr.max_sequence_length
-    lengths = {"stylize": sty.max_sequence_length, "train": tr.max_sequence_length, "infer": infer_len}
-    tokens = {s: {"text": L, "image": n, "context": n, "sequence": L + 2 * n} for s, L in lengths.items()}
+    peaks = _Peaks(activations, use_cache)
+    kc = kontext_configs(params.models.kontext, hf_cache) if {"stylize", "train", "infer"} & set(stages) else None
+    grid = _token_grid(params.sample.resolution, kc)
     sources: dict[str, str] = {}
     counts: dict[str, int] = {}
     lora: dict[str, Any] = {}
     trainable: dict[str, int] = {}
     out: dict[str, StageMemory] = {}
-
-    def peak(name: str, key: dict[str, Any], fn: Callable[[], int]) -> int | None:
-        return _cached_peak({"what": name, **key}, fn, use_cache) if activations else None
-
-    def biggest(parts: dict[str, int | None]) -> int | None:
-        return None if any(v is None for v in parts.values()) else max(v for v in parts.values() if v is not None)
-
     if kc is not None:
-        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-        sources["kontext"] = kc.source
-        lora = lora_summary(kc.transformer, lcfg, params.data.styles)
-        counts["transformer"] = lora["base_params"]
-        counts["text_encoder"] = _n_params(_meta(lambda: CLIPTextModel(CLIPTextConfig(**kc.text_encoder))))
-        counts["text_encoder_2"] = _n_params(_meta(lambda: T5EncoderModel(T5Config(**kc.text_encoder_2))))
-        counts["vae"] = _n_params(_meta(lambda: vae_class(kc.vae).from_config(kc.vae)))
-        n_lora = lora["lora_params"]["total"]
-        trainable = {"params": n_lora * lb, "grads": n_lora * lb}
-        trainable["optimizer"] = optimizer_state_bytes(lora["trainable_shapes"], lb, tr.optimizer)
-        trainable["total"] = sum(trainable.values())
-        pipe_weights = wb * sum(counts[k] for k in ("transformer", "text_encoder", "text_encoder_2", "vae"))
-        n_layers = int(kc.transformer["num_layers"]) + int(kc.transformer["num_single_layers"])
-        cfgs = asdict(kc)
-
-        def encoders(batch: int, length: int, decode: bool) -> dict[str, int | None]:
-            key = {"cfg": cfgs, "dtype": m.dtype, "batch": batch, "length": length, "res": res}
-            parts = {
-                "t5": peak("t5", key, lambda: t5_peak(kc.text_encoder_2, batch, length, wdt)),
-                "clip_text": peak("clip", key, lambda: clip_text_peak(kc.text_encoder, batch, wdt)),
-                "vae_encode": peak("vae_encode", key, lambda: vae_peak(kc.vae, batch, res, wdt, False)),
-            }
-            if decode:
-                parts["vae_decode"] = peak("vae_decode", key, lambda: vae_peak(kc.vae, batch, res, wdt, True))
-            return parts
-
-        def flux(call: FluxCall) -> int | None:
-            return peak(
-                "flux",
-                {"cfg": kc.transformer, "dtype": m.dtype, "call": asdict(call)},
-                lambda: trace_flux(kc.transformer, wdt, call).peak,
-            )
-
+        k = _kontext(params, kc, grid)
+        sources["kontext"], counts, lora, trainable = kc.source, dict(k.counts), k.lora, k.trainable
         if "stylize" in stages:
-            parts = encoders(sty.batch_size, sty.max_sequence_length, True)
-            parts["transformer"] = flux(
-                FluxCall(sty.batch_size, sty.max_sequence_length, grid, False, guidance=sty.guidance)
-            )
-            out["stylize"] = StageMemory("stylize", pipe_weights, 0, biggest(parts), detail=parts)
+            out["stylize"] = _stylize(params, k, peaks)
         if "train" in stages:
-            from regionroute.objective import encode_dataset
-
-            enc_batch = inspect.signature(encode_dataset).parameters["batch_size"].default
-            supervise = params.loss.focus_weight > 0 or params.loss.cover_weight > 0
-            amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tr.mixed_precision)
-            attention = (params.loss.direction, params.loss.normalize, params.loss.layers) if supervise else None
-
-            def call(ckpt: bool) -> FluxCall:
-                return FluxCall(
-                    tr.batch_size, tr.max_sequence_length, grid, True, ckpt, amp, lcfg, params.data.styles,
-                    attention, params.loss, tr.guidance, STYLE_TOKENS,
-                )  # fmt: skip
-
-            enc = encoders(enc_batch, tr.max_sequence_length, False)
-            encode_phase = None if biggest(enc) is None else pipe_weights + biggest(enc)
-            parts: dict[str, int | None] = {f"encode_{k}": v for k, v in enc.items()}
-            parts["encode_weights"] = pipe_weights
-            parts["encode_phase"] = encode_phase
-            act = flux(call(tr.gradient_checkpointing))
-            parts["transformer"] = act
-            parts[f"transformer_checkpointing_{'on' if tr.gradient_checkpointing else 'off'}"] = act
-            if alternatives:
-                parts[f"transformer_checkpointing_{'off' if tr.gradient_checkpointing else 'on'}"] = flux(
-                    call(not tr.gradient_checkpointing)
-                )
-            out["train"] = StageMemory(
-                "train", wb * counts["transformer"], trainable["total"], act, detail=parts,
-                note=f"encoders freed after caching latents/embeddings (batch {enc_batch}); the larger phase counts",
-            )  # fmt: skip
+            out["train"] = _train(params, k, peaks, alternatives)
         if "infer" in stages:
-            merged = inf.merge_expert and lcfg.routing == "style"
-            parts = encoders(inf.batch_size, infer_len, True)
-            fc = FluxCall(
-                inf.batch_size, infer_len, grid, False, lora=None if merged else lcfg, experts=params.data.styles,
-                attention=(inf.attention_direction, "all", "all"), guidance=inf.guidance, style_tokens=STYLE_TOKENS,
-            )  # fmt: skip
-            one = flux(fc)
-            records = (inf.steps - 1) * n_layers * inf.batch_size * n * 4  # float32 maps kept for every step
-            parts["transformer"] = None if one is None else one + records
-            lora_bytes = lora["lora_params"]["total"] * lb
-            out["infer"] = StageMemory("infer", pipe_weights + lora_bytes, 0, biggest(parts), detail=parts)
+            out["infer"] = _infer(params, k, peaks)
     if "score" in stages:
-        out_score, score_sources, score_counts = _score(params, activations, peak, hf_cache)
+        score, score_sources, score_counts = _score(params, peaks, hf_cache)
         sources.update(score_sources)
         counts.update(score_counts)
-        if out_score is not None:
-            out["score"] = out_score
-    return Accounting(sources, counts, lora, trainable, tokens, out)
+        if score is not None:
+            out["score"] = score
+    return Accounting(sources, counts, lora, trainable, _tokens(params, grid), out)
 
 
 def _score(
-    params: Params, activations: bool, peak: Callable[..., int | None], hf_cache: Path | None
+    params: Params, peaks: _Peaks, hf_cache: Path | None
 ) -> tuple[StageMemory | None, dict[str, str], dict[str, int]]:
+    """CLIP and LPIPS on a batch of images, the VLM judge's language pass (its vision tower estimated)."""
     sc, res = params.score, params.sample.resolution
     clip = clip_model_cfg(sc.clip, hf_cache)
     config = vlm_config(sc.vlm, hf_cache)
@@ -334,7 +402,7 @@ def _score(
         "lpips": _n_params(_meta(lpips_builder(net))),
         "vlm": _n_params(_meta(lambda: Qwen2_5_VLForConditionalGeneration(config))),
     }
-    vb = _DTYPE_BYTES[sc.vlm_dtype]
+    vb = DTYPES[sc.vlm_dtype].itemsize
     weights = 4 * (counts["clip"] + counts["lpips"]) + vb * counts["vlm"]  # open_clip and LPIPS load in float32
     size = int(clip[0]["vision_cfg"]["image_size"])
     b = sc.batch_size
@@ -343,24 +411,23 @@ def _score(
     image_tokens = max(1, min(res * res, sc.vlm_max_pixels) // (patch * patch))  # merged visual tokens per image
     patches = sc.vlm_batch_size * image_tokens * int(vision.spatial_merge_size) ** 2
     hid, inter = int(vision.hidden_size), int(vision.intermediate_size)
-    rows, length, vdt = 4 * sc.vlm_batch_size, image_tokens + VLM_TEXT_TOKENS, _DTYPES[sc.vlm_dtype]
+    rows, length, vdt = 4 * sc.vlm_batch_size, image_tokens + VLM_TEXT_TOKENS, DTYPES[sc.vlm_dtype]
     clip_run = lambda mod: mod.encode_image(torch.zeros(b, 3, size, size))  # noqa: E731
     lpips_run = lambda mod: mod(torch.zeros(b, 3, res, res), torch.zeros(b, 3, res, res), normalize=True)  # noqa: E731
     vlm_key = {"cfg": config.to_dict(), "dtype": sc.vlm_dtype, "rows": rows, "len": length}
     parts = {
-        "clip_image": peak(
+        "clip_image": peaks(
             "clip_image", {"cfg": clip, "b": b},
             lambda: trace_forward(open_clip_builder(*clip), clip_run, torch.float32).peak,
         ),
-        "lpips": peak(
+        "lpips": peaks(
             "lpips", {"net": net, "b": b, "res": res},
             lambda: trace_forward(lpips_builder(net), lpips_run, torch.float32).peak,
         ),
-        "vlm_language": peak("vlm", vlm_key, lambda: vlm_language_peak(config, vdt, rows, length)),
+        "vlm_language": peaks("vlm", vlm_key, lambda: vlm_language_peak(config, vdt, rows, length)),
         # not traced (its window indices are data-dependent): per patch, hidden + norm + q, k, v + attention
         # output (6 x hidden) and the gated MLP (3 x intermediate), one block alive at a time
-        "vlm_vision_estimate": patches * (6 * hid + 3 * inter) * vb if activations else None,
+        "vlm_vision_estimate": patches * (6 * hid + 3 * inter) * vb if peaks.activations else None,
     }  # fmt: skip
-    acts = None if any(v is None for v in parts.values()) else max(parts.values())
     sources = {"clip": sc.clip, "lpips": "tiny (alex, random trunk)" if sc.lpips == "tiny" else net, "vlm": sc.vlm}
-    return StageMemory("score", weights, 0, acts, detail=parts), sources, counts
+    return StageMemory("score", weights, 0, _largest(parts), detail=parts), sources, counts
