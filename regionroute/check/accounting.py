@@ -2,20 +2,18 @@
 
 :func:`account` builds every model of the params from its config (:mod:`.configs`) on the
 ``meta`` device (exact parameter counts; the LoRA-MoE injected as ``train`` does) and traces
-each stage's calls on fake tensors (:mod:`.memtrace`). A stage needs ``weights + trainable +
+each stage's calls on fake tensors (:mod:`.traces`). A stage needs ``weights + trainable +
 activations + reserve`` bytes: trainable = experts + grads + optimizer state (AdamW, or AdamW8bit's
 uint8 states), reserve = :data:`RUNTIME_RESERVE` (assumed: CUDA context, workspaces, allocator).
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import math
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +28,17 @@ from regionroute.check.configs import (
     vae_scale_factor,
     vlm_config,
 )
-from regionroute.check.memtrace import (
+from regionroute.check.memtrace import trace_forward
+from regionroute.check.traces import (
     FluxCall,
+    Peaks,
+    TrainCall,
     clip_text_peak,
     lpips_builder,
     open_clip_builder,
     t5_peak,
     trace_flux,
-    trace_forward,
+    trace_train,
     vae_peak,
     vlm_language_peak,
 )
@@ -111,35 +112,6 @@ def optimizer_state_bytes(shapes: list[tuple[int, ...]], param_bytes: int, optim
     return total
 
 
-# -- activation traces (cached: the paper's training trace takes tens of seconds) ------------------
-def _source_digest() -> str:
-    import diffusers
-    import transformers
-
-    digest = hashlib.sha256(f"{torch.__version__}|{diffusers.__version__}|{transformers.__version__}".encode())
-    root = Path(__file__).parents[1]
-    for rel in ("check/memtrace.py", "check/accounting.py", "losses.py", "flux/attention.py", "lora_moe/layer.py"):
-        digest.update((root / rel).read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def _cached_peak(key: dict[str, Any], compute: Callable[[], int], use_cache: bool) -> int:
-    from regionroute.files import write_json
-    from regionroute.models import cache_dir
-
-    name = hashlib.sha256(json.dumps({**key, "src": _source_digest()}, sort_keys=True, default=str).encode())
-    path = cache_dir() / "accounting" / f"{name.hexdigest()[:24]}.json"
-    if use_cache and path.is_file():
-        try:
-            return int(json.loads(path.read_text())["peak"])
-        except (OSError, ValueError, KeyError):
-            pass
-    peak = compute()
-    if use_cache:
-        write_json(path, {"key": json.loads(json.dumps(key, default=str)), "peak": peak})
-    return peak
-
-
 # -- per stage --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StageMemory:
@@ -183,7 +155,7 @@ class Accounting:
     stages: dict[str, StageMemory]
     method: str = (
         "parameters: models built from their configs on the meta device; activations: each stage's calls "
-        "executed on fake tensors (regionroute.memtrace), bytes of live storages traced from allocation to "
+        "executed on fake tensors (regionroute.check.memtrace), bytes of live storages traced from allocation to "
         "release; CUDA autocast emulated; reserve assumed"
     )
 
@@ -196,17 +168,6 @@ class Accounting:
 
 
 # -- the steps of the accounting --------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Peaks:
-    """Traced activation peaks, cached on disk by content; every peak is None when ``activations`` is off."""
-
-    activations: bool
-    use_cache: bool
-
-    def __call__(self, name: str, key: dict[str, Any], compute: Callable[[], int]) -> int | None:
-        return _cached_peak({"what": name, **key}, compute, self.use_cache) if self.activations else None
-
-
 def _largest(parts: dict[str, int | None]) -> int | None:
     """The largest part; None when a part was not traced."""
     return None if any(v is None for v in parts.values()) else max(v for v in parts.values() if v is not None)
@@ -265,9 +226,7 @@ def _kontext(params: Params, kc: KontextConfigs, grid: tuple[int, int]) -> _Kont
     return _Kontext(kc, params.models.dtype, grid, counts, lora, trainable)
 
 
-def _encoder_peaks(
-    k: _Kontext, peaks: _Peaks, batch: int, length: int, res: int, decode: bool
-) -> dict[str, int | None]:
+def _encoder_peaks(k: _Kontext, peaks: Peaks, batch: int, length: int, res: int, decode: bool) -> dict[str, int | None]:
     """Peaks of T5 and CLIP on the prompts and of the VAE encoding (and ``decode``: decoding) the images."""
     kc, wdt = k.configs, DTYPES[k.dtype]
     key = {"cfg": asdict(kc), "dtype": k.dtype, "batch": batch, "length": length, "res": res}
@@ -281,60 +240,59 @@ def _encoder_peaks(
     return parts
 
 
-def _flux_peak(k: _Kontext, peaks: _Peaks, call: FluxCall) -> int | None:
-    """Peak of one transformer call."""
-    key = {"cfg": k.configs.transformer, "dtype": k.dtype, "call": asdict(call)}
-    return peaks("flux", key, lambda: trace_flux(k.configs.transformer, DTYPES[k.dtype], call).peak)
+def _flux_peak(k: _Kontext, peaks: Peaks, call: FluxCall | TrainCall) -> int | None:
+    """Peak of one transformer call: a denoising step (:class:`FluxCall`) or a training micro-batch."""
+    cfg, wdt = k.configs.transformer, DTYPES[k.dtype]
+    key = {"cfg": cfg, "dtype": k.dtype, "call": asdict(call)}
+    if isinstance(call, TrainCall):
+        return peaks("train", key, lambda: trace_train(cfg, wdt, call).peak)
+    return peaks("flux", key, lambda: trace_flux(cfg, wdt, call).peak)
 
 
-def _stylize(params: Params, k: _Kontext, peaks: _Peaks) -> StageMemory:
+def _stylize(params: Params, k: _Kontext, peaks: Peaks) -> StageMemory:
     """Base Kontext's global edit: the encoders, one denoising step, the VAE decode."""
     sty = params.stylize
     parts = _encoder_peaks(k, peaks, sty.batch_size, sty.max_sequence_length, params.sample.resolution, True)
-    call = FluxCall(sty.batch_size, sty.max_sequence_length, k.grid, False, guidance=sty.guidance)
+    call = FluxCall(sty.batch_size, sty.max_sequence_length, k.grid, guidance=sty.guidance)
     parts["transformer"] = _flux_peak(k, peaks, call)
     return StageMemory("stylize", k.weights, 0, _largest(parts), detail=parts)
 
 
-def _train(params: Params, k: _Kontext, peaks: _Peaks, alternatives: bool) -> StageMemory:
+def _train_call(params: Params, k: _Kontext, checkpointing: bool) -> TrainCall:
+    """A training micro-batch of the params, with gradient checkpointing on or off."""
+    train = replace(params.train, gradient_checkpointing=checkpointing)
+    return TrainCall(train, params.lora, params.loss, params.data.styles, k.grid, STYLE_TOKENS)
+
+
+def _train(params: Params, k: _Kontext, peaks: Peaks, alternatives: bool) -> StageMemory:
     """Two phases: encoding the dataset (all weights), then training (the transformer and the experts)."""
     from regionroute.objective import encode_dataset
 
-    tr, lcfg, loss = params.train, params.lora, params.loss
+    tr = params.train
     enc_batch = inspect.signature(encode_dataset).parameters["batch_size"].default
-    supervise = loss.focus_weight > 0 or loss.cover_weight > 0
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tr.mixed_precision)
-    attention = (loss.direction, loss.normalize, loss.layers) if supervise else None
-
-    def call(ckpt: bool) -> FluxCall:
-        return FluxCall(
-            tr.batch_size, tr.max_sequence_length, k.grid, True, ckpt, amp, lcfg, params.data.styles,
-            attention, loss, tr.guidance, STYLE_TOKENS,
-        )  # fmt: skip
-
     enc = _encoder_peaks(k, peaks, enc_batch, tr.max_sequence_length, params.sample.resolution, False)
     parts: dict[str, int | None] = {f"encode_{name}": v for name, v in enc.items()}
     parts["encode_weights"] = k.weights
     parts["encode_phase"] = None if _largest(enc) is None else k.weights + _largest(enc)
-    act = _flux_peak(k, peaks, call(tr.gradient_checkpointing))
+    act = _flux_peak(k, peaks, _train_call(params, k, tr.gradient_checkpointing))
     parts["transformer"] = act
     parts[f"transformer_checkpointing_{'on' if tr.gradient_checkpointing else 'off'}"] = act
     if alternatives:
-        other = _flux_peak(k, peaks, call(not tr.gradient_checkpointing))
+        other = _flux_peak(k, peaks, _train_call(params, k, not tr.gradient_checkpointing))
         parts[f"transformer_checkpointing_{'off' if tr.gradient_checkpointing else 'on'}"] = other
     weights = DTYPES[k.dtype].itemsize * k.counts["transformer"]
     note = f"encoders freed after caching latents/embeddings (batch {enc_batch}); the larger phase counts"
     return StageMemory("train", weights, k.trainable["total"], act, detail=parts, note=note)
 
 
-def _infer(params: Params, k: _Kontext, peaks: _Peaks) -> StageMemory:
+def _infer(params: Params, k: _Kontext, peaks: Peaks) -> StageMemory:
     """One edit: the encoders, denoising steps with the experts and the recorder (its maps kept), the decode."""
     inf, lcfg = params.infer, params.lora
     length = inf.max_sequence_length or params.train.max_sequence_length
     merged = inf.merge_expert and lcfg.routing == "style"
     parts = _encoder_peaks(k, peaks, inf.batch_size, length, params.sample.resolution, True)
     call = FluxCall(
-        inf.batch_size, length, k.grid, False, lora=None if merged else lcfg, experts=params.data.styles,
+        inf.batch_size, length, k.grid, lora=None if merged else lcfg, experts=params.data.styles,
         attention=(inf.attention_direction, "all", "all"), guidance=inf.guidance, style_tokens=STYLE_TOKENS,
     )  # fmt: skip
     one = _flux_peak(k, peaks, call)
@@ -359,7 +317,7 @@ def account(
 
     ``alternatives`` also traces training with the other ``train.gradient_checkpointing`` setting.
     """
-    peaks = _Peaks(activations, use_cache)
+    peaks = Peaks(activations, use_cache)
     kc = kontext_configs(params.models.kontext, hf_cache) if {"stylize", "train", "infer"} & set(stages) else None
     grid = _token_grid(params.sample.resolution, kc)
     sources: dict[str, str] = {}
@@ -386,7 +344,7 @@ def account(
 
 
 def _score(
-    params: Params, peaks: _Peaks, hf_cache: Path | None
+    params: Params, peaks: Peaks, hf_cache: Path | None
 ) -> tuple[StageMemory | None, dict[str, str], dict[str, int]]:
     """CLIP and LPIPS on a batch of images, the VLM judge's language pass (its vision tower estimated)."""
     sc, res = params.score, params.sample.resolution
