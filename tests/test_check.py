@@ -22,11 +22,12 @@ COMMIT = "0" * 40
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path: Path, monkeypatch):
-    """Empty caches (Hugging Face, torch hub, regionroute's), run from the repository root."""
+def isolated(tmp_path: Path, monkeypatch, regionroute_cache: Path):
+    """Empty Hugging Face and torch hub caches, regionroute's (content-keyed) cache of the session, run from
+    the repository root."""
     from huggingface_hub import constants
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(regionroute_cache))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
     monkeypatch.chdir(ROOT)
