@@ -202,14 +202,14 @@ def test_file_and_toy_references(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "weights.safetensors").touch()
-    with pytest.raises(UserError, match="is a file, expected a model directory"):
-        models.parse_reference("weights.safetensors", "kontext")
-    monkeypatch.setattr(models, "REPO_ROOT", tmp_path)
-    with pytest.raises(UserError, match=r"toy/models/kontext does not exist.*dvc repro --force toy/dvc.yaml"):
-        models.resolve_reference("toy", "kontext", lambda path: None, "1")
-    assert "toy/models/kontext does not exist" in check_kontext("toy").what
+    assert (
+        check_kontext("weights.safetensors").what
+        == "model reference 'weights.safetensors': is a file, expected a model directory"
+    )
+    monkeypatch.setattr(models, "REPO_ROOT", tmp_path)  # the loaders' side: tests/test_toy_base.py
+    missing = check_kontext("toy")
+    assert "toy/models/kontext does not exist" in missing.what and "dvc repro --force toy/dvc.yaml" in missing.what
     (tmp_path / "toy" / "models" / "kontext").mkdir(parents=True)
-    assert models.resolve_reference("toy", "kontext", lambda path: None, "1") == str(tmp_path / "toy/models/kontext")
     assert "lacks model_index.json" in check_kontext("toy").what
 
 
