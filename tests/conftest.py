@@ -31,6 +31,13 @@ def params_file(tmp_path: Path):
     return make
 
 
+@pytest.fixture(scope="session")
+def regionroute_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ``XDG_CACHE_HOME`` for the session, for tests whose cache entries are keyed on content
+    (tiny models by version, traced memory peaks by inputs and code): built once, shared, never stale."""
+    return tmp_path_factory.mktemp("xdg")
+
+
 @pytest.fixture
 def tiny_data_copy(tmp_path: Path) -> Path:
     """A writable copy of the tiny dataset (for corrupting it)."""

@@ -1,19 +1,21 @@
 """Accounting without weights: exact counts at the real dimensions, LoRA key names diffusers loads,
-and the activation tracer validated on CPU (regionroute.accounting, regionroute.memtrace)."""
+and the activation tracer validated on CPU (regionroute.check: accounting, memtrace, traces)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
 
-from regionroute.accounting import account, lora_summary, optimizer_state_bytes
-from regionroute.config import load_params, load_section
-from regionroute.memtrace import FluxCall, LiveBytes, cuda_autocast, cuda_float32_policy, trace_flux
-from regionroute.model_configs import FLUX_KONTEXT_DEV
+from regionroute.check.accounting import account, lora_summary, optimizer_state_bytes
+from regionroute.check.configs import FLUX_KONTEXT_DEV
+from regionroute.check.memtrace import LiveBytes, cuda_autocast, cuda_float32_policy
+from regionroute.check.traces import FluxCall, TrainCall, trace_flux, trace_train
+from regionroute.config import TrainConfig, load_params, load_section
 from tests.conftest import ROOT
 
 PAPER = ROOT / "configs" / "paper.yaml"
@@ -207,42 +209,69 @@ def test_retained_bytes_equal_saved_tensors_plus_output(autocast):
         assert tracker.live == sum(st.nbytes() for st in kept.values()) > 0
 
 
+def _train(direction="text_to_image", lora=None, object_weight=1.0, **train):
+    """A training micro-batch at tiny dimensions: batch 2, 8 T5 tokens, a 4 x 4 token grid."""
+    loss = replace(load_section(PAPER, "loss"), direction=direction, object_weight=object_weight)
+    cfg = TrainConfig(**{"batch_size": 2, "max_sequence_length": 8, **train})
+    return TrainCall(cfg, lora or _lora(), loss, STYLES, (4, 4))
+
+
 def _calls():
-    lora, loss = _lora(), load_section(PAPER, "loss")
-    att, bf16 = ("text_to_image", "all", "all"), torch.bfloat16
+    lora, att = _lora(), ("text_to_image", "all", "all")
     return {
-        "train, checkpointing, bf16 autocast": FluxCall(2, 8, (4, 4), True, True, bf16, lora, STYLES, att, loss),
-        "train, no checkpointing": FluxCall(2, 8, (4, 4), True, False, bf16, lora, STYLES, att, loss),
-        "train, image_to_text, learned routing": FluxCall(
-            2, 8, (4, 4), True, True, None, _lora(routing="learned"), STYLES, ("image_to_text", "all", "all"), loss
+        "train, checkpointing, bf16 autocast": _train(gradient_checkpointing=True, mixed_precision="bf16"),
+        "train, no checkpointing": _train(gradient_checkpointing=False, mixed_precision="bf16"),
+        "train, image_to_text, learned routing": _train(
+            "image_to_text", _lora(routing="learned"), gradient_checkpointing=True, mixed_precision="no"
         ),
-        "infer, routed experts, recorder": FluxCall(3, 8, (4, 4), False, lora=lora, experts=STYLES, attention=att),
-        "stylize": FluxCall(2, 8, (4, 4), False),
+        "train, object weight (toy)": _train(object_weight=20.0, mixed_precision="bf16"),
+        "infer, routed experts, recorder": FluxCall(3, 8, (4, 4), lora=lora, experts=STYLES, attention=att),
+        "stylize": FluxCall(2, 8, (4, 4)),
     }  # fmt: skip
+
+
+def _trace(call, dtype=torch.bfloat16, fake=True, config=TINY):
+    return (trace_train if isinstance(call, TrainCall) else trace_flux)(config, dtype, call, fake=fake)
 
 
 @pytest.mark.parametrize("name", list(_calls()))
 def test_fake_tensor_trace_equals_real_cpu_trace(name):
     """The traced bytes on fake tensors are those of the same code path on real CPU tensors (tiny dims)."""
     call = _calls()[name]
-    fake = trace_flux(TINY, torch.bfloat16, call, fake=True)
-    real = trace_flux(TINY, torch.bfloat16, call, fake=False)
+    fake, real = _trace(call, fake=True), _trace(call, fake=False)
     assert fake == real and fake.peak > 0
+
+
+def test_the_train_trace_runs_the_training_objective(monkeypatch):
+    """trace_train calls regionroute.objective.Objective: a change to the objective changes the trace."""
+    from regionroute.objective import Objective
+
+    call = _calls()["train, checkpointing, bf16 autocast"]
+    before = _trace(call)
+    real_call = Objective.__call__
+
+    def with_an_extra_tensor(self, draw):
+        terms = real_call(self, draw)
+        terms["extra"] = torch.zeros(1000, 1000)  # kept alive by the terms, like any logged tensor
+        return terms
+
+    monkeypatch.setattr(Objective, "__call__", with_an_extra_tensor)
+    after = _trace(call)
+    assert after.retained == before.retained + 4_000_000 and after.peak >= before.peak + 4_000_000
 
 
 def test_checkpointing_and_precision_change_the_trace():
     calls = _calls()
-    ckpt = trace_flux(TINY, torch.bfloat16, calls["train, checkpointing, bf16 autocast"])
-    full = trace_flux(TINY, torch.bfloat16, calls["train, no checkpointing"])
+    ckpt = _trace(calls["train, checkpointing, bf16 autocast"])
+    full = _trace(calls["train, no checkpointing"])
     assert ckpt.retained < full.retained and ckpt.peak < full.peak
-    fp32 = trace_flux(TINY, torch.float32, calls["stylize"])
-    assert fp32.peak > trace_flux(TINY, torch.bfloat16, calls["stylize"]).peak
+    assert _trace(calls["stylize"], torch.float32).peak > _trace(calls["stylize"]).peak
 
 
-def test_default_accounting_is_complete(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+def test_default_accounting_is_complete(monkeypatch, regionroute_cache):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(regionroute_cache))
     params = load_params(ROOT / "params.yaml")
-    acc = account(params)
+    acc = account(params, use_cache=False)  # traced now
     assert set(acc.stages) == {"stylize", "train", "infer", "score"}
     # image tokens as the toy model makes them: its VAE's latent, packed 2x2 (8 x 8 at 64 px, not 16 px tokens)
     from regionroute.toy.latent import PixelShuffleVAE
@@ -255,14 +284,14 @@ def test_default_accounting_is_complete(tmp_path, monkeypatch):
         assert stage.activations > 0 and stage.total == stage.tensors + stage.reserve
     train = acc.stages["train"]
     assert train.detail["transformer_checkpointing_on"] < train.detail["transformer_checkpointing_off"]
-    again = account(load_params(ROOT / "params.yaml"))  # from the cache written by the first call
-    assert again.to_dict() == acc.to_dict() and list((tmp_path / "regionroute" / "accounting").glob("*.json"))
+    account(params)  # written to the session's cache (or read, when an earlier test wrote it)
+    cached = account(load_params(ROOT / "params.yaml"))  # read back
+    assert cached.to_dict() == acc.to_dict() and list((regionroute_cache / "regionroute" / "accounting").glob("*.json"))
 
 
 @pytest.mark.slow
 def test_fake_trace_equals_real_cpu_trace_at_the_real_width():
     """One double and one single FLUX.1-Kontext block at the real width (3072, 24 heads of 128, T5 width 4096)."""
     cfg = dict(FLUX_KONTEXT_DEV["transformer"], num_layers=1, num_single_layers=1)
-    call = FluxCall(2, 16, (8, 8), True, True, torch.bfloat16, _lora(), STYLES, ("text_to_image", "all", "all"),
-                    load_section(PAPER, "loss"))  # fmt: skip
-    assert trace_flux(cfg, torch.bfloat16, call, fake=True) == trace_flux(cfg, torch.bfloat16, call, fake=False)
+    call = replace(_train(gradient_checkpointing=True, mixed_precision="bf16", max_sequence_length=16), grid=(8, 8))
+    assert _trace(call, config=cfg, fake=True) == _trace(call, config=cfg, fake=False)

@@ -10,10 +10,11 @@ import torch
 import yaml
 
 import regionroute.check as chk
-from regionroute.check import check, format_report, preflight
-from regionroute.check_models import check_clip, check_kontext, check_lpips, check_vlm
+from regionroute.check import check, device, format_report, preflight
+from regionroute.check.models import check_clip, check_kontext, check_lpips, check_vlm
 from regionroute.cli import main
 from regionroute.errors import UserError
+from regionroute.models import Reference, parse_reference, resolve_reference
 from tests.conftest import ROOT, TINY_DATA
 
 KONTEXT = "black-forest-labs/FLUX.1-Kontext-dev"
@@ -21,11 +22,12 @@ COMMIT = "0" * 40
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path: Path, monkeypatch):
-    """Empty caches (Hugging Face, torch hub, regionroute's), run from the repository root."""
+def isolated(tmp_path: Path, monkeypatch, regionroute_cache: Path):
+    """Empty Hugging Face and torch hub caches, regionroute's (content-keyed) cache of the session, run from
+    the repository root."""
     from huggingface_hub import constants
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(regionroute_cache))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
     monkeypatch.chdir(ROOT)
@@ -74,14 +76,14 @@ def test_default_params_pass(capsys):
 @pytest.fixture
 def toy_models(tmp_path: Path, monkeypatch) -> Path:
     """Stand-ins for the committed toy models (toy/models/kontext, toy/models/clip): same layouts."""
-    import regionroute.refs as refs
+    from regionroute import models
     from regionroute.tiny.clip import save_tiny_clip
     from regionroute.tiny.kontext import save_tiny_kontext
 
     root = tmp_path / "toy" / "models"
     save_tiny_kontext(root / "kontext")
     save_tiny_clip(root / "clip")
-    monkeypatch.setattr(refs, "TOY_MODELS", root)
+    monkeypatch.setattr(models, "REPO_ROOT", tmp_path)
     return root
 
 
@@ -153,9 +155,62 @@ def test_lpips_weights_are_a_warning_until_fetched(isolated, monkeypatch):
 
 
 def test_bad_references():
-    assert "not a hub id" in check_kontext("./no/such/dir").what
+    assert "no such directory" in check_kontext("./no/such/dir").what
+    assert "not a hub id" in check_kontext("a/b/c").what
     assert "unknown open_clip model" in check_clip("ViT-Q-99/openai").what
     assert "neither a pretrained tag" in check_clip("ViT-L-14/no-such-tag").what
+
+
+# -- model references: one parser for the loaders and the check ------------------------------------------
+@pytest.mark.parametrize(
+    ("ref", "open_clip", "expected"),
+    [
+        ("tiny", False, Reference("tiny", "tiny")),
+        ("models/flux", False, Reference("dir", "models/flux", path=Path("models/flux"))),  # models/ is here: a path
+        ("./models/flux", False, Reference("dir", "./models/flux", path=Path("models/flux"))),
+        ("org/name", False, Reference("hub", "org/name", repo="org/name")),  # no org/ here: a hub id
+        ("ViT-L-14/openai", True, Reference("open_clip", "ViT-L-14/openai")),
+        ("ViT-B-32//ckpt/file.pt", True, Reference("open_clip", "ViT-B-32//ckpt/file.pt")),  # a checkpoint file
+        ("hf-hub:org/repo", True, Reference("hub", "hf-hub:org/repo", repo="org/repo")),
+        ("models/flux", True, Reference("dir", "models/flux", path=Path("models/flux"))),
+    ],
+)  # fmt: skip
+def test_parse_reference(tmp_path, monkeypatch, ref, open_clip, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "flux").mkdir(parents=True)
+    assert parse_reference(ref, "kontext", open_clip=open_clip) == expected
+
+
+@pytest.mark.parametrize("ref", ["models/none", "./x", "models/flux/none"])
+def test_a_relative_path_that_does_not_exist_is_a_missing_directory_not_a_hub_id(tmp_path, monkeypatch, ref):
+    """``models/none`` beside an existing ``models/``: the loaders and the check say 'no such directory'."""
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "flux").mkdir(parents=True)
+    finding = check_kontext(ref)
+    assert finding.level == "error" and finding.what == f"model reference {ref!r}: no such directory"
+    assert "hf download" not in finding.fix and "Hugging Face" not in finding.what
+    assert check_vlm(ref).what == finding.what and check_clip(ref).what == finding.what
+    with pytest.raises(UserError, match="no such directory"):
+        resolve_reference(ref, "kontext", lambda path: None, "1")
+    with pytest.raises(UserError, match="no such directory"):
+        parse_reference(ref, "clip", open_clip=True)
+
+
+def test_file_and_toy_references(tmp_path, monkeypatch):
+    from regionroute import models
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.safetensors").touch()
+    assert (
+        check_kontext("weights.safetensors").what
+        == "model reference 'weights.safetensors': is a file, expected a model directory"
+    )
+    monkeypatch.setattr(models, "REPO_ROOT", tmp_path)  # the loaders' side: tests/test_toy_base.py
+    missing = check_kontext("toy")
+    assert "toy/models/kontext does not exist" in missing.what and "dvc repro --force toy/dvc.yaml" in missing.what
+    (tmp_path / "toy" / "models" / "kontext").mkdir(parents=True)
+    assert "lacks model_index.json" in check_kontext("toy").what
 
 
 # -- data --------------------------------------------------------------------------------------------------
@@ -177,12 +232,12 @@ def test_coco_layout_and_counts(tmp_path, tiny_data_copy):
 
 # -- device, memory, settings -----------------------------------------------------------------------------
 def test_memory_shortfall_is_an_error_per_stage(tmp_path, monkeypatch):
-    monkeypatch.setattr(chk, "_free_bytes", lambda device: (2**20, "free in the test"))
+    monkeypatch.setattr(device, "free_bytes", lambda kind: (2**20, "free in the test"))
     found = errors(check(TINY_PARAMS))
     for stage in ("stylize", "train", "infer", "score"):
         assert found[stage].startswith(f"error: {stage}: needs ") and "1 MiB free in the test" in found[stage]
         assert "the weights alone need" in found[stage]
-    monkeypatch.setattr(chk, "_free_bytes", lambda device: (4 * 2**20, "free in the test"))
+    monkeypatch.setattr(device, "free_bytes", lambda kind: (4 * 2**20, "free in the test"))
     found = errors(check(TINY_PARAMS))
     assert "lower stylize.batch_size" in found["stylize"]
     assert "encoding the dataset needs" in found["train"]  # the tiny VAE pass on 8 images is its peak
@@ -190,7 +245,7 @@ def test_memory_shortfall_is_an_error_per_stage(tmp_path, monkeypatch):
     params = write_params(tmp_path, train={"gradient_checkpointing": False, "batch_size": 64})
     train = check(params).accounting.stages["train"]
     assert train.weights + train.trainable + train.activations > train.detail["encode_phase"] + 2**20
-    monkeypatch.setattr(chk, "_free_bytes", lambda device: (train.detail["encode_phase"] + 2**20, "free"))
+    monkeypatch.setattr(device, "free_bytes", lambda kind: (train.detail["encode_phase"] + 2**20, "free"))
     assert "set train.gradient_checkpointing: true" in errors(check(params))["train"]
 
 
@@ -239,9 +294,9 @@ def test_preflight_raises_the_stage_problems(tmp_path, monkeypatch):
     preflight(params, "train")  # the VLM is not the train stage's business
     with pytest.raises(UserError, match=r"score.vlm: org/not-downloaded is not in the local Hugging Face cache"):
         preflight(params, "score")
-    monkeypatch.setattr(chk, "_free_bytes", lambda device: (2**20, "free in the test"))
+    monkeypatch.setattr(device, "free_bytes", lambda kind: (2**20, "free in the test"))
     preflight(TINY_PARAMS, "train")  # on the CPU the stage runs without the memory trace
-    monkeypatch.setattr(chk, "_device", lambda params, stage: ("models.device", "cuda"))
+    monkeypatch.setattr(device, "stage_device", lambda params, stage: ("models.device", "cuda"))
     with pytest.raises(UserError, match=r"^train: needs .* on cuda \(models.device\)"):
         preflight(TINY_PARAMS, "train")
     with pytest.raises(ValueError, match="unknown stage"):

@@ -1,8 +1,9 @@
 """Loading the CLIP of the RSM metric with open_clip (docs/method.md §7).
 
-:func:`load_clip` takes ``tiny``, ``toy`` (``toy/models/clip``), a local ``open_clip`` directory,
-``hf-hub:org/repo`` or ``<model>/<pretrained>`` (the paper's ``ViT-L-14/openai``, QuickGELU as
-trained); only safetensors or ``weights_only`` checkpoints are read. Used by ``score``.
+:func:`load_clip` takes what :func:`regionroute.models.parse_reference` parses (``open_clip=True``):
+``tiny``, ``toy`` (``toy/models/clip``), an open_clip ``local-dir:`` directory, ``hf-hub:org/repo``
+or ``<model>/<pretrained>`` (the paper's ``ViT-L-14/openai``, QuickGELU as trained); only
+safetensors or ``weights_only`` checkpoints are read. Used by ``score``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from regionroute.errors import UserError
-from regionroute.models import TINY, TOY, resolve_device, resolve_reference, toy_dir
+from regionroute.models import TINY, parse_reference, resolve_device, resolve_reference
 
 __all__ = ["load_clip"]
 
@@ -25,20 +26,19 @@ def _split_spec(ref: str) -> tuple[str, dict[str, Any]]:
 
     from regionroute.tiny.clip import TINY_CLIP_VERSION, save_tiny_clip
 
-    if ref == TINY:
+    try:
+        parsed = parse_reference(ref, "clip", open_clip=True)
+    except UserError as exc:
+        raise UserError(f"models.clip: {exc}") from None
+    if parsed.kind == TINY:
         return "local-dir:" + resolve_reference(ref, "clip", save_tiny_clip, TINY_CLIP_VERSION), {}
-    if ref == TOY:
-        return f"local-dir:{toy_dir('clip')}", {}
-    if ref.startswith("hf-hub:"):
+    if parsed.kind == "hub":
         return ref, {}
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        if not (path / "open_clip_config.json").is_file():
+    if parsed.path is not None:
+        if not (parsed.path / "open_clip_config.json").is_file():
             raise UserError(f"models.clip: {ref!r} has no open_clip_config.json")
-        return f"local-dir:{path}", {}
-    name, sep, pretrained = ref.partition("/")
-    if not sep or not pretrained:
-        raise UserError(f"models.clip: {ref!r} is not 'tiny', a directory, 'hf-hub:org/repo' or '<model>/<pretrained>'")
+        return f"local-dir:{parsed.path}", {}
+    name, _, pretrained = ref.partition("/")
     if name not in open_clip.list_models():
         raise UserError(f"models.clip: unknown open_clip model {name!r} in {ref!r}")
     kwargs: dict[str, Any] = {"pretrained": pretrained}

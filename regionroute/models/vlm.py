@@ -39,7 +39,7 @@ def load_vlm(
 
     from regionroute.tiny.qwen import TINY_QWEN_VERSION, save_tiny_qwen
 
-    source = resolve_reference(ref, "qwen2_5_vl", save_tiny_qwen, TINY_QWEN_VERSION)
+    source = resolve_reference(ref, "vlm", save_tiny_qwen, TINY_QWEN_VERSION)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(source, dtype=resolve_dtype(dtype))

@@ -1,11 +1,9 @@
 """Configs of the configured models, read without weights (docs/method.md §2, "Memory").
 
-Used by :mod:`regionroute.accounting`. A model's own ``config.json`` files are read when they
-are on disk (a local or ``toy`` directory, the Hugging Face cache: :class:`~regionroute.refs.FileSource`);
-a hub model that is not downloaded yet falls back to the real configs written below, copied
-from its repository's files (black-forest-labs/FLUX.1-Kontext-dev: ``transformer/``,
-``text_encoder/``, ``text_encoder_2/``, ``vae/config.json``; Qwen/Qwen2.5-VL-7B-Instruct:
-``config.json``). ``tiny`` models are built in code on the ``meta`` device to read theirs.
+Used by :mod:`regionroute.check.accounting`. A model's own ``config.json`` files are read when
+they are on disk (:class:`~regionroute.check.sources.FileSource`); a hub model that is not
+downloaded yet falls back to the real configs written below, copied from its repository
+(FLUX.1-Kontext-dev's components, Qwen2.5-VL-7B-Instruct). ``tiny`` models are built on ``meta``.
 """
 
 from __future__ import annotations
@@ -16,7 +14,9 @@ from typing import Any
 
 import torch
 
-from regionroute.refs import FileSource, toy_dir
+from regionroute.check.sources import FileSource
+from regionroute.errors import UserError
+from regionroute.models import TINY, TOY, Reference, parse_reference
 
 __all__ = [
     "FLUX_KONTEXT_DEV",
@@ -100,24 +100,29 @@ def vae_class(cfg: dict[str, Any]) -> type:
     return AutoencoderKL
 
 
+def _parsed(ref: str, toy_name: str, open_clip: bool = False) -> Reference | None:
+    """The parsed reference (:mod:`regionroute.models`); None when it names no model (the check reports why)."""
+    try:
+        return parse_reference(ref, toy_name, open_clip=open_clip)
+    except UserError:
+        return None
+
+
 def kontext_configs(ref: str, cache_dir: Path | None = None) -> KontextConfigs | None:
-    """Configs for ``models.kontext``; None when the reference is a directory that is not there."""
+    """Configs for ``models.kontext``; None when the reference names no model or a directory without them."""
     names = ("transformer", "text_encoder", "text_encoder_2", "vae")
-    if ref == "tiny":
+    parsed = _parsed(ref, "kontext")
+    if parsed is None:
+        return None
+    if parsed.kind == TINY:
         from regionroute.tiny.kontext import build_tiny_kontext
 
         with torch.device("meta"):
             pipe = build_tiny_kontext()
         cfgs = [dict(pipe.transformer.config), pipe.text_encoder.config.to_dict(), pipe.text_encoder_2.config.to_dict()]
         return KontextConfigs(*cfgs, dict(pipe.vae.config), source="tiny (built in code)")
-    if ref == "toy":
-        src, source = FileSource(root=toy_dir("kontext")), f"toy ({toy_dir('kontext')})"
-    elif Path(ref).expanduser().is_dir():
-        src, source = FileSource(root=Path(ref).expanduser()), str(Path(ref).expanduser())
-    elif ref.count("/") == 1 and not ref.startswith((".", "/", "~")):
-        src, source = FileSource(repo=ref, cache_dir=cache_dir), f"{ref} (Hugging Face cache)"
-    else:
-        return None
+    src = FileSource.of(parsed, cache_dir)
+    source = {TOY: f"toy ({parsed.path})", "dir": str(parsed.path), "hub": f"{ref} (Hugging Face cache)"}[parsed.kind]
     found = [src.read_json(f"{name}/config.json") for name in names]
     if all(isinstance(c, dict) for c in found):
         return KontextConfigs(*found, source=source)
@@ -132,14 +137,13 @@ def clip_model_cfg(ref: str, cache_dir: Path | None) -> tuple[dict[str, Any], bo
 
     from regionroute.tiny.clip import TINY_CLIP_CONFIG
 
-    if ref == "tiny":
+    parsed = _parsed(ref, "clip", open_clip=True)
+    if parsed is None:
+        return None
+    if parsed.kind == TINY:
         return dict(TINY_CLIP_CONFIG), False
-    if ref == "toy" or Path(ref).expanduser().is_dir() or ref.startswith("hf-hub:"):
-        if ref.startswith("hf-hub:"):
-            src = FileSource(repo=ref[len("hf-hub:") :], cache_dir=cache_dir)
-        else:
-            src = FileSource(root=toy_dir("clip") if ref == "toy" else Path(ref).expanduser())
-        cfg = src.read_json("open_clip_config.json")
+    if parsed.kind != "open_clip":
+        cfg = FileSource.of(parsed, cache_dir).read_json("open_clip_config.json")
         return (cfg["model_cfg"], bool(cfg["model_cfg"].get("quick_gelu"))) if isinstance(cfg, dict) else None
     name, _, pretrained = ref.partition("/")
     cfg = open_clip.get_model_config(name)
@@ -149,16 +153,18 @@ def clip_model_cfg(ref: str, cache_dir: Path | None) -> tuple[dict[str, Any], bo
 
 
 def vlm_config(ref: str, cache_dir: Path | None) -> Any:
-    """A transformers ``Qwen2_5_VLConfig`` for ``score.vlm`` (None when its directory is missing)."""
+    """A transformers ``Qwen2_5_VLConfig`` for ``score.vlm`` (None when the reference names no model)."""
     from transformers import Qwen2_5_VLConfig
 
-    if ref == "tiny":
+    parsed = _parsed(ref, "vlm")
+    if parsed is None:
+        return None
+    if parsed.kind == TINY:
         from regionroute.tiny.qwen import build_tiny_qwen
 
         with torch.device("meta"):
             return build_tiny_qwen()[0].config
-    if Path(ref).expanduser().is_dir():
-        raw = FileSource(root=Path(ref).expanduser()).read_json("config.json")
-    else:
-        raw = FileSource(repo=ref, cache_dir=cache_dir).read_json("config.json") or QWEN25_VL_7B
+    raw = FileSource.of(parsed, cache_dir).read_json("config.json")
+    if parsed.kind == "hub":  # not downloaded yet: the real model's config, written in this module
+        raw = raw or QWEN25_VL_7B
     return Qwen2_5_VLConfig(**raw) if isinstance(raw, dict) else None

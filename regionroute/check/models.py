@@ -1,78 +1,48 @@
-"""The model part of ``regionroute check``: is each model reference's files on disk? (docs/method.md §2).
+"""The model part of ``regionroute check``: are each model reference's files on disk? (docs/method.md §2).
 
-Used by :mod:`regionroute.check` (and so by ``preflight``). One :class:`Finding` per model
-reference of the params -- ``models.kontext``, ``score.clip``, ``score.lpips``,
-``score.vlm`` -- resolved as :mod:`regionroute.refs` describes; a missing model is named
-with the exact command that fetches it. Nothing is downloaded.
+One :class:`~regionroute.check.report.Finding` per model of the params (``models.kontext``,
+``score.clip``, ``score.lpips``, ``score.vlm``), found as :mod:`regionroute.check.sources` finds
+files; a missing model is named with the exact command that fetches it. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
+from regionroute.check.report import Finding, listed
+from regionroute.check.sources import OPEN_CLIP_WEIGHTS, FileSource, fetch_command, missing_pipeline_files
 from regionroute.config import Params
-from regionroute.refs import OPEN_CLIP_WEIGHTS, FileSource, fetch_command, missing_pipeline_files, toy_dir
+from regionroute.errors import UserError
+from regionroute.models import TINY, TOY, Reference, parse_reference
 
-__all__ = [
-    "KONTEXT_STAGES",
-    "Finding",
-    "check_clip",
-    "check_kontext",
-    "check_lpips",
-    "check_models",
-    "check_vlm",
-    "listed",
-]
+__all__ = ["KONTEXT_STAGES", "check_clip", "check_kontext", "check_lpips", "check_models", "check_vlm"]
 
-Level = Literal["error", "warning", "ok"]
 #: The stages that load ``models.kontext``.
 KONTEXT_STAGES: tuple[str, ...] = ("stylize", "train", "infer")
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One line of the report; ``stages``: the stages it concerns (empty: the whole pipeline)."""
-
-    level: Level
-    key: str  # params key or file
-    what: str
-    fix: str = ""
-    stages: tuple[str, ...] = ()
-
-    def line(self) -> str:
-        return f"{self.level}: {self.key}: {self.what}" + (f" ({self.fix})" if self.fix else "")
-
-
-def listed(items: list[str]) -> str:
-    return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
-
-
-# -- models ---------------------------------------------------------------------------------------
-def _local_or_hub(ref: str, toy: str) -> FileSource | str:
-    """A FileSource for a ``toy`` / local-directory / hub reference, or the reason it is none."""
-    if ref == "toy":
-        return FileSource(root=toy_dir(toy))
-    path = Path(ref).expanduser()
-    if path.exists():
-        return FileSource(root=path) if path.is_dir() else f"{ref!r} is a file, expected a model directory"
-    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
-        return f"no such directory {ref!r}, and not a hub id of the form 'org/name'"
-    return FileSource(repo=ref)
+def _parse(
+    ref: str, key: str, toy_name: str, fix: str, stages: tuple[str, ...], open_clip: bool = False
+) -> Reference | Finding:
+    """The parsed reference, or the error finding that names why it names no model."""
+    try:
+        return parse_reference(ref, toy_name, open_clip=open_clip)
+    except UserError as exc:
+        return Finding("error", key, str(exc), "" if ref == TOY else fix, stages)
 
 
 def check_kontext(ref: str) -> Finding:
     """``models.kontext``: a diffusers FluxKontextPipeline directory (``model_index.json`` + components)."""
     stages = KONTEXT_STAGES
-    if ref == "tiny":
+    parsed = _parse(ref, "models.kontext", "kontext", "give 'tiny', 'toy', a hub id or a model directory", stages)
+    if isinstance(parsed, Finding):
+        return parsed
+    if parsed.kind == TINY:
         return Finding("ok", "models.kontext", "tiny (built in code)", stages=stages)
-    src = _local_or_hub(ref, "kontext")
-    if isinstance(src, str):
-        return Finding("error", "models.kontext", src, "give 'tiny', 'toy', a hub id or a model directory", stages)
+    src = FileSource.of(parsed)
     missing = missing_pipeline_files(src)
     if not missing:
         return Finding("ok", "models.kontext", f"{ref}: {src.where}", stages=stages)
@@ -82,9 +52,7 @@ def check_kontext(ref: str) -> Finding:
         if missing == ["model_index.json"]:
             what = f"{src.repo} is not in the local Hugging Face cache ({src.cache_root})"
         return Finding("error", "models.kontext", what, fix, stages)
-    fix = (
-        "build it with the toy pipeline (toy/dvc.yaml)" if ref == "toy" else "a diffusers FluxKontextPipeline directory"
-    )
+    fix = "build it with the toy pipeline (toy/dvc.yaml)" if ref == TOY else "a diffusers FluxKontextPipeline directory"
     return Finding("error", "models.kontext", f"{src.where} lacks {listed(missing)}", fix, stages)
 
 
@@ -92,14 +60,16 @@ def check_clip(ref: str) -> Finding:
     """``score.clip``: tiny, an open_clip local directory / ``hf-hub:`` repo, or ``<model>/<pretrained>``."""
     import open_clip
 
-    from regionroute.refs import open_clip_weights
+    from regionroute.check.sources import open_clip_weights
 
     key, stages = "score.clip", ("score",)
-    if ref == "tiny":
+    parsed = _parse(ref, key, "clip", "e.g. ViT-L-14/openai", stages, open_clip=True)
+    if isinstance(parsed, Finding):
+        return parsed
+    if parsed.kind == TINY:
         return Finding("ok", key, "tiny (built in code)", stages=stages)
-    if ref == "toy" or Path(ref).expanduser().is_dir() or ref.startswith("hf-hub:"):
-        src = FileSource(repo=ref[len("hf-hub:") :]) if ref.startswith("hf-hub:") else _local_or_hub(ref, "clip")
-        assert isinstance(src, FileSource)
+    if parsed.kind != "open_clip":
+        src = FileSource.of(parsed)
         missing = [] if src.path("open_clip_config.json") else ["open_clip_config.json"]
         if not any(src.path(f) for f in OPEN_CLIP_WEIGHTS):
             missing.append(OPEN_CLIP_WEIGHTS[0])
@@ -107,15 +77,7 @@ def check_clip(ref: str) -> Finding:
             return Finding("ok", key, f"{ref}: {src.where}", stages=stages)
         fix = fetch_command(src.repo) if src.repo else "an open_clip directory: open_clip_config.json + weights"
         return Finding("error", key, f"{src.where} lacks {listed(missing)}", fix, stages)
-    name, sep, pretrained = ref.partition("/")
-    if not sep or not pretrained:
-        return Finding(
-            "error",
-            key,
-            f"{ref!r} is not 'tiny', 'toy', a directory, 'hf-hub:org/repo' or '<model>/<pretrained>'",
-            "e.g. ViT-L-14/openai",
-            stages,
-        )
+    name, _, pretrained = ref.partition("/")
     if name not in open_clip.list_models():
         return Finding("error", key, f"unknown open_clip model {name!r}", "see open_clip.list_models()", stages)
     if Path(pretrained).expanduser().is_file():
@@ -163,12 +125,13 @@ def check_lpips(ref: str) -> Finding:
 def check_vlm(ref: str) -> Finding:
     """``score.vlm``: a transformers Qwen2.5-VL directory (config, weights, tokenizer, image processor)."""
     key, stages = "score.vlm", ("score",)
-    if ref == "tiny":
+    parsed = _parse(ref, key, "vlm", "give 'tiny', a hub id or a model directory", stages)
+    if isinstance(parsed, Finding):
+        return parsed
+    if parsed.kind == TINY:
         return Finding("ok", key, "tiny (built in code)", stages=stages)
-    src = _local_or_hub(ref, "vlm")
-    if isinstance(src, str):
-        return Finding("error", key, src, "give 'tiny', a hub id or a model directory", stages)
-    from regionroute.refs import missing_weights
+    src = FileSource.of(parsed)
+    from regionroute.check.sources import missing_weights
 
     needed = ["config.json", "tokenizer_config.json", "preprocessor_config.json"]
     missing = [f for f in needed if src.path(f) is None]

@@ -1,20 +1,9 @@
-"""Where a model reference's files are, found without downloading anything (``regionroute check``).
+"""Where a model's files are, found without downloading anything (``regionroute check``).
 
-Used by :mod:`regionroute.check` (is every model of the params present, and if not, the
-exact command that fetches it) and by :mod:`regionroute.accounting` (the configs of the
-models actually configured). A reference is resolved as the loaders in
-:mod:`regionroute.models` resolve it, but only *looks*:
-
-* ``"tiny"``: built in code, always available, no files;
-* ``"toy"``: the trained miniature committed in the repository,
-  ``toy/models/kontext`` (a diffusers pipeline directory) or ``toy/models/clip``
-  (open_clip's ``local-dir`` layout);
-* an existing local directory;
-* a hub id (``org/name``): looked up in the local Hugging Face cache with
-  ``huggingface_hub.try_to_load_from_cache`` (files on disk only, never the network).
-
-open_clip references (``"ViT-L-14/openai"``) go through open_clip's pretrained registry,
-which names the hub repository and file it would fetch.
+:class:`FileSource`: a local directory, or a hub repository looked up in the local Hugging Face
+cache (``huggingface_hub.try_to_load_from_cache``: files on disk only, never the network).
+Used by :mod:`regionroute.check.models` (which files are missing, and :func:`fetch_command`, the
+command that fetches them) and :mod:`regionroute.check.configs` (the configs of the configured models).
 """
 
 from __future__ import annotations
@@ -24,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from regionroute.models import REPO_ROOT
+from regionroute.models import Reference
 
 __all__ = [
     "GATED",
-    "TOY_MODELS",
+    "OPEN_CLIP_WEIGHTS",
     "FileSource",
     "fetch_command",
     "hf_cli",
@@ -36,11 +25,8 @@ __all__ = [
     "missing_pipeline_files",
     "missing_weights",
     "open_clip_weights",
-    "toy_dir",
 ]
 
-#: ``toy`` references: ``models.kontext: toy`` -> ``toy/models/kontext``, ``score.clip: toy`` -> ``toy/models/clip``.
-TOY_MODELS = REPO_ROOT / "toy" / "models"
 #: Hub repositories whose licence must be accepted on their page before a download works.
 GATED: frozenset[str] = frozenset({"black-forest-labs/FLUX.1-Kontext-dev"})
 
@@ -71,6 +57,11 @@ class FileSource:
     root: Path | None = None  # local directory
     repo: str | None = None  # hub repository id
     cache_dir: Path | None = None  # HF hub cache (None: huggingface_hub's default)
+
+    @classmethod
+    def of(cls, ref: Reference, cache_dir: Path | None = None) -> FileSource:
+        """The files of a parsed ``toy``, directory or hub reference (:func:`regionroute.models.parse_reference`)."""
+        return cls(repo=ref.repo, cache_dir=cache_dir) if ref.kind == "hub" else cls(root=ref.path)
 
     @property
     def cache_root(self) -> str:
@@ -103,14 +94,6 @@ class FileSource:
             return json.loads(p.read_text())
         except (OSError, ValueError):
             return None
-
-
-def toy_dir(name: str) -> Path:
-    """The directory a ``toy`` reference names (``toy/models/<name>``), existing or not.
-
-    The loaders resolve it with :func:`regionroute.models.toy_dir`, which raises when absent.
-    """
-    return TOY_MODELS / name
 
 
 def missing_weights(src: FileSource, folder: str, library: str) -> list[str]:
