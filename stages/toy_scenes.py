@@ -7,12 +7,12 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from regionroute.config import _Section, load_section
+from regionroute.config import Section, load_section
 from regionroute.errors import exit_on_user_error
 
 
 @dataclass(frozen=True)
-class ScenesConfig(_Section):
+class ScenesConfig(Section):
     """``toy/params.yaml: scenes:``."""
 
     _section: typing.ClassVar[str] = "scenes"

@@ -31,13 +31,13 @@ from typing import Any
 
 import torch
 
-from regionroute.config import _Section
+from regionroute.config import Section
 
 __all__ = ["BaseConfig", "build_toy_kontext"]
 
 
 @dataclass(frozen=True)
-class BaseConfig(_Section):
+class BaseConfig(Section):
     """``toy/params.yaml: base:`` the toy base's architecture and its pretraining."""
 
     _section: typing.ClassVar[str] = "base"

@@ -32,13 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from regionroute.config import InferConfig, _Section
+from regionroute.config import InferConfig, Section
 
 __all__ = ["EvaluateConfig", "evaluate_base", "save_figure"]
 
 
 @dataclass(frozen=True)
-class EvaluateConfig(_Section):
+class EvaluateConfig(Section):
     """``toy/params.yaml: evaluate:``."""
 
     _section: typing.ClassVar[str] = "evaluate"

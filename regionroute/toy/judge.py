@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from regionroute.config import _Section
+from regionroute.config import Section
 
 __all__ = ["JudgeConfig", "judge_config", "make_crops", "train_judge"]
 
@@ -43,7 +43,7 @@ WEIGHTS_NAME = "open_clip_model.safetensors"
 
 
 @dataclass(frozen=True)
-class JudgeConfig(_Section):
+class JudgeConfig(Section):
     """``toy/params.yaml: judge:``."""
 
     _section: typing.ClassVar[str] = "judge"
