@@ -284,6 +284,8 @@ def train(
             live.end()
             with atomic_dir(live_dir) as tmp:
                 shutil.copytree(ckpt_dir / "dvclive", tmp, dirs_exist_ok=True)
+                # dvclive keeps a resumed run's summary in the order it read it back: sorted, as all our JSON
+                write_json(tmp / "metrics.json", read_json(tmp / "metrics.json"))
     accelerator.wait_for_everyone()  # the model is written when any rank returns
     return summary
 
