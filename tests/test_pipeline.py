@@ -123,3 +123,24 @@ def test_dvc_pipeline_on_the_demo_in_a_fresh_clone(tmp_path):
     # a sample param as an experiment
     log = _run(["dvc", "exp", "run", "-S", "data.splits.eval.num=2"], repo)
     assert "sample@eval" in _ran(log) and "sample@train" not in _ran(log) and "train" not in _ran(log)
+
+
+@pytest.mark.slow
+def test_forced_training_twice_leaves_dvc_status_clean(tmp_path):
+    """`dvc repro -f -s train` twice: the same model bytes, so the stage that reads them is not changed."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    repo = tmp_path / "repo"
+    _run(["git", "clone", "-q", str(ROOT), str(repo)], tmp_path)
+    (repo / "params.yaml").write_text((repo / "configs" / "demo.yaml").read_text())
+    _edit_params(repo, {**SMALL, ("data", "splits"): {"train": {"coco": "train", "num": 2}, "eval": {"coco": "val",
+                 "num": 1}}, ("stylize", "steps"): 2, ("train", "steps"): 2, ("infer", "steps"): 2,
+                 ("infer", "attention_steps"): [1, 2]})  # fmt: skip
+    # stage by stage (-s): a target's upstream reaches toy/dvc.yaml (the toy base's hour of pretraining)
+    for stage in ("sample@train", "sample@eval", "stylize@pixel-art", "stylize@line-art", "composite", "train",
+                  "infer@regionroute"):  # fmt: skip
+        _run(["dvc", "repro", "-s", stage], repo)
+    for _ in range(2):
+        assert _ran(_run(["dvc", "repro", "-f", "-s", "train"], repo)) == {"train"}
+        status = _run(["dvc", "status", "train", "infer@regionroute"], repo)
+        assert "up to date" in status and "changed" not in status, status
