@@ -36,14 +36,16 @@ every method, so the baseline and RegionRoute read the same text sequence.
 Resumable, keyed on content (:mod:`regionroute.fingerprint`): the directory's fingerprint
 holds the method, params, base model files, experts and code; each pair's marker holds
 the digest of its input image bytes (the pseudo-GT's for ``oracle``), instruction and
-seed. Unchanged pairs are kept, changed ones recomputed, vanished ones pruned.
+seed. Batches are fixed per style by the sorted ids and ``infer.batch_size``
+(:func:`~regionroute.fingerprint.pending_batches`: pixels depend on the batch mates): batches of
+unchanged pairs are kept, the others regenerated whole, vanished pairs pruned, so a resumed run
+writes the bytes an uninterrupted one writes.
 
 Data-parallel (:mod:`regionroute.distributed`): under ``accelerate launch`` rank 0
-prepares the directory and decides the to-do list (sorted by style, then id), each rank
-edits its contiguous slice (so a rank merges each of its styles once) and writes its
-pairs and markers, and rank 0 writes the manifest after a barrier. Seeds are per pair:
-the outputs do not depend on the number of processes, up to float noise from the batch
-composition.
+prepares the directory and decides the batches (sorted by style, then id), each rank
+edits its contiguous slice of whole batches (so a rank merges each of its styles once) and
+writes its pairs and markers, and rank 0 writes the manifest after a barrier: the outputs
+do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -275,7 +277,7 @@ def run_method(
     processes the count is the total over all of them.
     """
     from regionroute import distributed as dist
-    from regionroute.fingerprint import ItemStore
+    from regionroute.fingerprint import ItemStore, pending_batches
 
     if method not in METHODS:
         raise UserError(f"--method: unknown method {method!r} (one of {', '.join(METHODS)})")
@@ -290,45 +292,51 @@ def run_method(
     model_dir = model_dir if method == "regionroute" else None  # only regionroute depends on the experts
     store = ItemStore(out_dir)
 
-    def prepare() -> list[tuple[dict[str, Any], str]]:
-        """Rank 0: key the output dir, prune, list (record, key) of the pairs to edit, by style then id."""
+    def prepare() -> list[list[tuple[dict[str, Any], str]]]:
+        """Rank 0: key the output dir, prune, list the batches of (record, key) to edit, by style then id."""
         prepare_resumable_dir(out_dir, _fingerprint(method, cfg, models, model_dir))
         (out_dir / "manifest.jsonl").unlink(missing_ok=True)
         store.prune({r["id"] for r in records}, ["images", "attention", "figures"])
         keyed = [(r, _item_key(method, root, r, cfg)) for r in sorted(records, key=lambda r: (r["style"], r["id"]))]
-        return [(r, key) for r, key in keyed if not store.done(r["id"], key, [f"images/{r['id']}.png"])]
+        return [
+            batch
+            for style in sorted({r["style"] for r in records})
+            for batch in pending_batches(
+                [x for x in keyed if x[0]["style"] == style],
+                cfg.batch_size,
+                lambda x: store.done(x[0]["id"], x[1], [f"images/{x[0]['id']}.png"]),
+            )
+        ]  # one style per batch; a batch's mates change its pixels (infer.batch_size is in the fingerprint)
 
     todo = dist.plan(prepare)
-    mine = dist.shard(todo)
+    mine = dist.shard(todo)  # whole batches, sorted by style: a rank merges each of its styles once
     att_steps = tuple(cfg.attention_steps)
-    with tqdm(total=len(mine), desc=f"infer {method}", unit="img", disable=not dist.is_main()) as bar:
-        for style in sorted({r["style"] for r, _ in mine}):
-            group = [(r, key) for r, key in mine if r["style"] == style]
-            for start in range(0, len(group), cfg.batch_size):
-                batch = group[start : start + cfg.batch_size]
-                if method == "oracle":  # the pseudo-GT of the eval split is exactly global stylization + GT mask
-                    for r, key in batch:
-                        write_image(out_dir / "images" / f"{r['id']}.png", read_image(root / r["pseudo_gt"]))
-                        store.mark(r["id"], key)
-                    bar.update(len(batch))
-                    continue
-                images = [read_image(root / r["original"]) for r, _ in batch]
-                seeds = [pair_seed(cfg.seed, r["image_id"]) for r, _ in batch]
-                outs, maps = editor.edit(images, [r["object"] for r, _ in batch], style, seeds)
-                for i, (r, key) in enumerate(batch):
-                    if maps is not None:
-                        _save_npz(out_dir / "attention" / f"{r['id']}.npz", maps[i], att_steps)
-                        if cfg.figures:
-                            save_attention_figure(
-                                out_dir / "figures" / f"{r['id']}.png",
-                                outs[i],
-                                maps[i],
-                                att_steps,
-                                title=f"{method}: {cfg.instruction.format(object=r['object'], style=style)}",
-                            )
-                    write_image(out_dir / "images" / f"{r['id']}.png", outs[i])
-                    store.mark(r["id"], key)  # last: the pair is done for exactly these inputs
+    with tqdm(total=sum(map(len, mine)), desc=f"infer {method}", unit="img", disable=not dist.is_main()) as bar:
+        for batch in mine:
+            style = batch[0][0]["style"]
+            if method == "oracle":  # the pseudo-GT of the eval split is exactly global stylization + GT mask
+                for r, key in batch:
+                    write_image(out_dir / "images" / f"{r['id']}.png", read_image(root / r["pseudo_gt"]))
+                    store.mark(r["id"], key)
                 bar.update(len(batch))
+                continue
+            images = [read_image(root / r["original"]) for r, _ in batch]
+            seeds = [pair_seed(cfg.seed, r["image_id"]) for r, _ in batch]
+            outs, maps = editor.edit(images, [r["object"] for r, _ in batch], style, seeds)
+            for i, (r, key) in enumerate(batch):
+                if maps is not None:
+                    _save_npz(out_dir / "attention" / f"{r['id']}.npz", maps[i], att_steps)
+                    if cfg.figures:
+                        save_attention_figure(
+                            out_dir / "figures" / f"{r['id']}.png",
+                            outs[i],
+                            maps[i],
+                            att_steps,
+                            title=f"{method}: {cfg.instruction.format(object=r['object'], style=style)}",
+                        )
+                write_image(out_dir / "images" / f"{r['id']}.png", outs[i])
+                store.mark(r["id"], key)  # last: the pair is done for exactly these inputs
+            bar.update(len(batch))
     if editor is not None:
         editor.close()
     dist.barrier()  # every rank's pairs are written
@@ -355,4 +363,4 @@ def run_method(
             ),
         )
     dist.barrier()  # the manifest is written when any rank returns
-    return len(todo)
+    return sum(map(len, todo))

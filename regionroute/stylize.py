@@ -2,8 +2,8 @@
 
 docs/method.md §1.3. Each cropped original is edited with the instruction
 ``stylize.instruction`` (paper: ``"make the image into {style} style"``), one style per
-call, in batches, with a generator seeded per image (``seed + image_id``) so results do
-not depend on batch composition. Output per split::
+call, in batches of consecutive ids, with a generator seeded per image (``seed + image_id``).
+Output per split::
 
     <out>/<split>/images/<id>.png   the stylized image, same size as the input crop
     <out>/<split>/manifest.jsonl     {"id", "style", "stylized", "seed"} per image (written last)
@@ -12,19 +12,22 @@ not depend on batch composition. Output per split::
 
 Resumable, keyed on content (:mod:`regionroute.fingerprint`): the split directory's
 fingerprint holds the params, the model files' digest and the code; each image's marker
-holds the digest of its input image's bytes and its seed. A re-run keeps exactly the
-images whose key is unchanged (the DVC output is ``persist: true``), recomputes the
-others, and prunes images of samples no longer in the manifest.
+holds the digest of its input image's bytes and its seed. Batches are fixed by the sorted ids
+and ``stylize.batch_size`` (:func:`~regionroute.fingerprint.pending_batches`: pixels depend on
+the batch mates, so the batch size is in the fingerprint): a re-run keeps the batches whose
+images all have unchanged keys (the DVC output is ``persist: true``), regenerates the others
+whole, and prunes images of samples no longer in the manifest, so it writes the bytes an
+uninterrupted run writes.
 
 Data-parallel (:mod:`regionroute.distributed`): under ``accelerate launch`` rank 0
-prepares each split directory and decides the to-do list, every rank stylizes its slice
-and writes its images and markers, and rank 0 writes the manifest after a barrier. Seeds
-are per image, so the images do not depend on the number of processes (up to float
-noise from the batch composition).
+prepares each split directory and decides the batches to make, every rank stylizes its slice
+of whole batches and writes its images and markers, and rank 0 writes the manifest after a
+barrier: the images do not depend on the number of processes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,10 +67,14 @@ def fingerprint(cfg: StylizeConfig, models: ModelsConfig, style: str) -> dict[st
 
     return {
         "style": style,
-        "stylize": {k: getattr(cfg, k) for k in ("instruction", "steps", "guidance", "max_sequence_length", "seed")},
+        "stylize": dataclasses.asdict(cfg),  # every field; batch_size too: see pending_batches
         "models": kontext_key(models),
         "code": code_digest(CODE_MODULES),
     }
+
+
+def _image(record: dict[str, Any]) -> str:
+    return f"images/{record['id']}.png"
 
 
 def stylize_batch(
@@ -92,7 +99,7 @@ def stylize_splits(
     Returns how many images were generated per split (by all processes together).
     """
     from regionroute import distributed as dist
-    from regionroute.fingerprint import ItemStore, file_digest, json_digest
+    from regionroute.fingerprint import ItemStore, file_digest, json_digest, pending_batches
 
     for split in sorted(samples):
         if not (samples[split] / "manifest.jsonl").is_file():
@@ -105,26 +112,25 @@ def stylize_splits(
         store = ItemStore(split_dir)
         records = read_jsonl(samples[split] / "manifest.jsonl")
 
-        def prepare(records=records, split=split, split_dir=split_dir, store=store) -> list[tuple[dict, str]]:
-            """Rank 0: key the output dir, prune, and list (record, key) of the images to make, by id."""
+        def prepare(records=records, split=split, split_dir=split_dir, store=store) -> list[list[tuple[dict, str]]]:
+            """Rank 0: key the output dir, prune, and list the batches of (record, key) to make, by id."""
             prepare_resumable_dir(split_dir, fp)
             (split_dir / "manifest.jsonl").unlink(missing_ok=True)
             store.prune({r["id"] for r in records}, ["images"])
             keyed = [(r, json_digest([file_digest(samples[split] / r["image"]), cfg.seed + int(r["image_id"])]))
                      for r in sorted(records, key=lambda r: r["id"])]  # fmt: skip
-            return [(r, key) for r, key in keyed if not store.done(r["id"], key, [f"images/{r['id']}.png"])]
+            return pending_batches(keyed, cfg.batch_size, lambda x: store.done(x[0]["id"], x[1], [_image(x[0])]))
 
         todo = dist.plan(prepare)
         mine = dist.shard(todo)
         desc = f"stylize {style} {split}"
-        with tqdm(total=len(mine), desc=desc, unit="img", disable=not dist.is_main()) as bar:
-            for start in range(0, len(mine), cfg.batch_size):
-                batch = mine[start : start + cfg.batch_size]
+        with tqdm(total=sum(map(len, mine)), desc=desc, unit="img", disable=not dist.is_main()) as bar:
+            for batch in mine:
                 images = [read_image(samples[split] / r["image"]) for r, _ in batch]
                 seeds = [cfg.seed + int(r["image_id"]) for r, _ in batch]
                 outs = stylize_batch(pipe, images, [prompt] * len(batch), seeds, cfg)
                 for (r, key), out in zip(batch, outs, strict=True):
-                    write_image(split_dir / "images" / f"{r['id']}.png", out)
+                    write_image(split_dir / _image(r), out)
                     store.mark(r["id"], key)  # last: the image is done for exactly these inputs
                 bar.update(len(batch))
         dist.barrier()  # every rank's images are written
@@ -135,13 +141,13 @@ def stylize_splits(
                     {
                         "id": r["id"],
                         "style": style,
-                        "stylized": f"images/{r['id']}.png",
+                        "stylized": _image(r),
                         "seed": cfg.seed + int(r["image_id"]),
                         "instruction": prompt,
                     }
                     for r in records
                 ),
             )
-        counts[split] = len(todo)
+        counts[split] = sum(map(len, todo))
     dist.barrier()  # the manifests are written when any rank returns
     return counts

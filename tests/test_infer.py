@@ -94,6 +94,35 @@ def test_each_method_writes_one_image_per_pair_and_style(eval_records, model_dir
     assert run_method("oracle", eval_records, tmp_path / "oracle", CFG) == 0
 
 
+class _Kill(Exception):
+    """Stands for a kill between two pairs of one batch."""
+
+
+def test_a_run_killed_mid_batch_resumes_to_the_bytes_of_an_uninterrupted_run(eval_records, model_dir, tmp_path,
+                                                                              monkeypatch):  # fmt: skip
+    from regionroute.fingerprint import ItemStore
+
+    def run(out: Path) -> int:
+        return run_method("regionroute", eval_records, out, CFG, _editor(model_dir), models=TINY, model_dir=model_dir)
+
+    assert run(tmp_path / "straight") == 4
+    mark = ItemStore.mark
+
+    def die_after_the_first_pair(self, item_id, key):
+        mark(self, item_id, key)
+        raise _Kill
+
+    with monkeypatch.context() as m:
+        m.setattr(ItemStore, "mark", die_after_the_first_pair)
+        with pytest.raises(_Kill):
+            run(tmp_path / "killed")
+    regenerated = run(tmp_path / "killed")
+    for sub in ("images", "attention"):
+        for path in sorted((tmp_path / "straight" / sub).iterdir()):
+            assert (tmp_path / "killed" / sub / path.name).read_bytes() == path.read_bytes(), path.name
+    assert regenerated == 4  # the killed batch (2 pairs of one style) whole, and the other style's, not begun
+
+
 def test_merged_and_routed_experts_give_the_same_edit(eval_records, model_dir):
     root = eval_records.parent
     image = read_image(root / "o0.png")
@@ -216,23 +245,24 @@ def test_changed_inputs_are_recomputed_and_nothing_else(eval_records, tmp_path):
     records = _copy_records(eval_records, tmp_path / "eval")
     root = records.parent
     out = tmp_path / "kontext"
-    assert run_method("kontext", records, out, CFG, _editor(), models=TINY) == 4
+    cfg = dataclasses.replace(CFG, batch_size=1)  # a changed pair's batch mates are regenerated with it
+    assert run_method("kontext", records, out, cfg, _editor(), models=TINY) == 4
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
     write_image(root / "o1.png", 255 - read_image(root / "o1.png"))  # sample 1's pixels change, not its path
-    assert run_method("kontext", records, out, CFG, _editor(), models=TINY) == 2
+    assert run_method("kontext", records, out, cfg, _editor(), models=TINY) == 2
     for p in (out / "images").iterdir():
         assert (p.stat().st_mtime_ns == stamps[p.name]) == p.name.startswith("000_")
     # the oracle follows the pseudo-GT's pixels
-    assert run_method("oracle", records, tmp_path / "oracle", CFG) == 4
+    assert run_method("oracle", records, tmp_path / "oracle", cfg) == 4
     rows = read_jsonl(records)
     write_image(root / rows[0]["pseudo_gt"], read_image(root / rows[0]["pseudo_gt"]) // 2)
-    assert run_method("oracle", records, tmp_path / "oracle", CFG) == 1
+    assert run_method("oracle", records, tmp_path / "oracle", cfg) == 1
     for r in rows:
         np.testing.assert_array_equal(read_image(tmp_path / "oracle" / "images" / f"{r['id']}.png"),
                                       read_image(root / r["pseudo_gt"]))  # fmt: skip
     # a pair that disappears from the records is pruned
     write_jsonl(records, rows[1:])
-    assert run_method("oracle", records, tmp_path / "oracle", CFG) == 0
+    assert run_method("oracle", records, tmp_path / "oracle", cfg) == 0
     assert sorted(p.stem for p in (tmp_path / "oracle" / "images").iterdir()) == sorted(r["id"] for r in rows[1:])
 
 
