@@ -81,10 +81,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "edit":
-        from regionroute.edit import edit_image
+        from regionroute.edit import SIDE, edit_image
 
         if args.steps is not None and args.steps < 1:
             raise UserError(f"--steps: must be >= 1, got {args.steps}")
+        if args.max_area is not None and args.max_area < SIDE * SIDE:
+            raise UserError(f"--max-area: must be >= {SIDE * SIDE} ({SIDE}x{SIDE} pixels), got {args.max_area}")
+        if not 0 <= args.seed < 2**63:
+            raise UserError(f"--seed: must be in [0, 2^63), got {args.seed}")
         if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= 512:
             raise UserError(f"--max-sequence-length: must be in [1, 512], got {args.max_sequence_length}")
         out = edit_image(

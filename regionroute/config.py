@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 from ruamel.yaml import YAML, YAMLError
 
 from regionroute.errors import ConfigError
+from regionroute.files import MAX_IMAGE_PIXELS
 
 __all__ = [
     "DOUBLE_STREAM_TARGETS",
@@ -151,6 +152,10 @@ class SampleConfig(Section):
     def _validate(self) -> None:
         if self.resolution < 16 or self.resolution % 16:
             self._fail("resolution", f"must be a positive multiple of 16, got {self.resolution}")
+        if self.resolution**2 > MAX_IMAGE_PIXELS:
+            self._fail(
+                "resolution", f"{self.resolution}^2 pixels is more than the {MAX_IMAGE_PIXELS} an image may have"
+            )
         if not 0.0 <= self.min_area_frac < 1.0:
             self._fail("min_area_frac", f"must be in [0, 1), got {self.min_area_frac}")
         if not 0.0 <= self.max_mask_loss < 1.0:

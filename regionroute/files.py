@@ -7,11 +7,13 @@ same directory, then ``os.replace`` renames it into place.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,11 +22,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from regionroute.errors import DataError
+from regionroute.errors import DataError, UserError
 
 __all__ = [
+    "MAX_IMAGE_PIXELS",
     "atomic_dir",
     "atomic_path",
+    "check_writable",
+    "image_format",
     "prepare_resumable_dir",
     "read_image",
     "read_json",
@@ -37,32 +42,58 @@ __all__ = [
 ]
 
 
+#: errno values of a write the user can fix (permissions, a full or read-only disk, a file where a folder goes)
+_WRITE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG,
+                           errno.ENOTDIR, errno.EEXIST, errno.EISDIR})  # fmt: skip
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An OSError the user can fix while writing ``path`` is one :class:`UserError` naming it."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` on success."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
+
+    A permission or disk-full error is one line naming ``path``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        with _writing(path):
+            yield tmp_path
+            os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary directory; it replaces ``path`` (whole) on success."""
+    """Yield a temporary directory; it replaces ``path`` (whole) on success.
+
+    As :func:`atomic_path`: failing to create it is one line naming ``path``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
         if path.exists():
             shutil.rmtree(path)
-        os.replace(tmp, path)
+        with _writing(path):
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -111,35 +142,70 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image as ``uint8`` RGB ``(H, W, 3)``; missing/corrupt files are a DataError."""
-    path = Path(path)
+#: The most pixels an image may have; larger ones are refused before decoding (a decompression
+#: bomb: a few KB of PNG that would fill the memory). 8192 x 8192, below Pillow's own guard.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def _load(path: Path, what: str) -> Image.Image:
+    """Decode ``path`` with Pillow: a missing, corrupt or over-large file is one :class:`DataError`."""
     if not path.is_file():
-        raise DataError(f"{path}: image file not found")
+        raise DataError(f"{path}: {what} file not found")
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:  # checked on the header, before decoding
+                    raise Image.DecompressionBombError(f"{im.width}x{im.height}")
+                im.load()
+                return im
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(
+            f"{path}: more than {MAX_IMAGE_PIXELS} pixels (regionroute.files.MAX_IMAGE_PIXELS, the decompression-bomb "
+            "limit); make it smaller"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read image ({exc})") from None
+        raise DataError(f"{path}: cannot read {what} ({exc})") from None
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image as ``uint8`` RGB ``(H, W, 3)``; missing, corrupt or too large files are a DataError."""
+    path = Path(path)
+    return np.asarray(_load(path, "image").convert("RGB"), dtype=np.uint8).copy()
 
 
 def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
     """Read a binary mask PNG as ``bool (H, W)`` (nonzero = inside)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: mask file not found")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L")) > 127
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read mask ({exc})") from None
+    return np.asarray(_load(path, "mask").convert("L")) > 127
+
+
+def image_format(path: str | os.PathLike[str]) -> str:
+    """The Pillow format that ``path``'s suffix names (``.png`` -> ``PNG``); another suffix is a UserError."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise UserError(f"{path}: not an image file name (give it a suffix such as .png or .jpg)")
+    return fmt
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Fail now, in one line naming ``path``, when its folder (or the nearest existing one) cannot be written."""
+    path = Path(path)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    with _writing(path):
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        tempfile.TemporaryFile(dir=folder).close()
 
 
 def write_image(path: str | os.PathLike[str], image: np.ndarray | Image.Image) -> None:
     """Write an RGB image atomically; the format follows the suffix (PNG recommended)."""
+    fmt = image_format(path)
     pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
     with atomic_path(path) as tmp:
-        pil.save(tmp, format=Image.registered_extensions()[Path(path).suffix.lower()])
+        pil.save(tmp, format=fmt)
 
 
 def write_mask(path: str | os.PathLike[str], mask: np.ndarray) -> None:
