@@ -3,7 +3,8 @@
 The base pipeline is the model reference saved in the model directory's
 ``regionroute.json`` (hub id, local path or ``tiny``); the experts come from its ``moe/``.
 Large inputs are resized (aspect kept, sides multiples of 16, a multiple of every token size
-here) to at most ``max_area`` pixels, by default the training resolution's area.
+here) to at most ``max_area`` pixels, by default the training resolution's area; inputs are
+never upscaled (a side under 16 pixels is refused). The EXIF orientation is applied.
 """
 
 from __future__ import annotations
@@ -29,10 +30,15 @@ SIDE = 16
 
 
 def fit_to_area(image: np.ndarray, max_area: int) -> np.ndarray:
-    """Resize so that ``H * W <= max_area`` (never upscaled) with both sides multiples of 16."""
+    """Resize so that ``H * W <= max_area`` with both sides multiples of 16 (never upscaled).
+
+    A ``max_area`` that would leave a side under 16 pixels is a :class:`UserError`.
+    """
     h, w = image.shape[:2]
     scale = min(1.0, (max_area / (h * w)) ** 0.5)
-    nh, nw = max(SIDE, int(h * scale) // SIDE * SIDE), max(SIDE, int(w * scale) // SIDE * SIDE)
+    nh, nw = int(h * scale) // SIDE * SIDE, int(w * scale) // SIDE * SIDE
+    if min(nh, nw) < SIDE:
+        raise UserError(f"--max-area: {max_area} pixels leave a {w}x{h} image under {SIDE} pixels on a side")
     if (nh, nw) == (h, w):
         return image
     return np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.LANCZOS))
@@ -81,7 +87,10 @@ def edit_image(
                 check_writable(path)
         except UserError as exc:
             raise UserError(f"{flag}: {exc}") from None
-    image = read_image(image_path)
+    image = read_image(image_path, exif_orientation=True)  # a photo as viewers show it
+    h, w = image.shape[:2]
+    if min(h, w) < SIDE:  # upscaling would invent the pixels being edited
+        raise UserError(f"{image_path}: {w}x{h} pixels, smaller than the {SIDE}x{SIDE} the model edits")
     with _as_flags(model_dir):
         resolve_device(device)
         pipe = load_kontext(ModelsConfig(kontext=config["base_model"], dtype=dtype, device=device))

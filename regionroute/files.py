@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from regionroute.errors import DataError, UserError
 
 __all__ = [
+    "BACKGROUND",
     "MAX_IMAGE_PIXELS",
     "atomic_dir",
     "atomic_path",
@@ -145,9 +146,12 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 #: The most pixels an image may have; larger ones are refused before decoding (a decompression
 #: bomb: a few KB of PNG that would fill the memory). 8192 x 8192, below Pillow's own guard.
 MAX_IMAGE_PIXELS = 8192 * 8192
+#: Transparent pixels are composited on this colour (the same rule for every image read here).
+BACKGROUND = (255, 255, 255)
+_HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def _load(path: Path, what: str) -> Image.Image:
+def _load(path: Path, what: str, exif_orientation: bool = False) -> Image.Image:
     """Decode ``path`` with Pillow: a missing, corrupt or over-large file is one :class:`DataError`."""
     if not path.is_file():
         raise DataError(f"{path}: {what} file not found")
@@ -158,7 +162,7 @@ def _load(path: Path, what: str) -> Image.Image:
                 if im.width * im.height > MAX_IMAGE_PIXELS:  # checked on the header, before decoding
                     raise Image.DecompressionBombError(f"{im.width}x{im.height}")
                 im.load()
-                return im
+                return ImageOps.exif_transpose(im) if exif_orientation else im
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(
             f"{path}: more than {MAX_IMAGE_PIXELS} pixels (regionroute.files.MAX_IMAGE_PIXELS, the decompression-bomb "
@@ -168,10 +172,32 @@ def _load(path: Path, what: str) -> Image.Image:
         raise DataError(f"{path}: cannot read {what} ({exc})") from None
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image as ``uint8`` RGB ``(H, W, 3)``; missing, corrupt or too large files are a DataError."""
+def _rgb8(path: Path, im: Image.Image) -> np.ndarray:
+    """``uint8 (H, W, 3)``: 16-bit values scaled (not clipped), transparency composited on BACKGROUND."""
+    if im.mode in _HIGH_BIT_DEPTH:  # 16-bit grayscale (a 32-bit "I" image must hold 16-bit values)
+        values = np.asarray(im, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DataError(f"{path}: {im.mode} values outside 0..65535 (save it as an 8- or 16-bit image)")
+        gray = ((values * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257): 65535 -> 255
+        return np.repeat(gray[..., None], 3, axis=2)
+    if im.mode == "F":
+        raise DataError(f"{path}: floating-point pixels are not read (save it as an 8- or 16-bit image)")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        back = Image.new("RGBA", im.size, (*BACKGROUND, 255))
+        return np.asarray(Image.alpha_composite(back, im.convert("RGBA")).convert("RGB"), dtype=np.uint8).copy()
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_image(path: str | os.PathLike[str], *, exif_orientation: bool = False) -> np.ndarray:
+    """Read an image as ``uint8`` RGB ``(H, W, 3)``; missing, corrupt or too large files are a DataError.
+
+    16-bit images are scaled to 8 bits; transparent pixels are composited on :data:`BACKGROUND`
+    (white); more than :data:`MAX_IMAGE_PIXELS` pixels is refused. ``exif_orientation``: apply
+    the EXIF orientation tag (a user's photo, as viewers show it); dataset images are read as
+    stored, since their annotations refer to the stored pixels.
+    """
     path = Path(path)
-    return np.asarray(_load(path, "image").convert("RGB"), dtype=np.uint8).copy()
+    return _rgb8(path, _load(path, "image", exif_orientation))
 
 
 def read_mask(path: str | os.PathLike[str]) -> np.ndarray:

@@ -142,6 +142,18 @@ def test_edit_command_end_to_end(model_dir, eval_records, tmp_path, capsys):
     assert read_image(out).shape == (128, 128, 3) and (tmp_path / "att.png").is_file()
 
 
+def test_edit_applies_the_exif_orientation_of_a_photo(model_dir, tmp_path, capsys):
+    from tests.test_files import _rotated_photo
+
+    _rotated_photo(tmp_path / "photo.jpg")  # stored 128 x 64, shown 64 x 128
+    out = tmp_path / "out.png"
+    argv = ["edit", str(tmp_path / "photo.jpg"), "--object", "dog", "--style", "pixel-art", "--model", str(model_dir),
+            "--out", str(out), "--steps", "2"]  # fmt: skip
+    code, err = run_stage(cli.main, argv, capsys)
+    assert code == 0, err
+    assert read_image(out).shape == (128, 64, 3)
+
+
 @pytest.mark.parametrize(
     ("change", "needle"),
     [

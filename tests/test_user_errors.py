@@ -63,6 +63,12 @@ def sample_bomb(tmp, demo, monkeypatch, params):
     return sample.main, sample_argv(params(), demo, out), f"more than {MAX_IMAGE_PIXELS} pixels", out
 
 
+def edit_image_smaller_than_the_model_edits(tmp, demo, monkeypatch, params):
+    write_image(tmp / "dot.png", np.zeros((1, 1, 3), np.uint8))
+    out = tmp / "out.png"
+    return cli.main, _edit(tmp, tmp / "dot.png", out), f"{tmp / 'dot.png'}: 1x1 pixels, smaller than the 16x16", out
+
+
 def edit_out_without_extension(tmp, demo, monkeypatch, params):
     out = tmp / "x"
     return cli.main, _edit(tmp, _photo(tmp), out), f"--out: {out}: not an image file name", out
@@ -144,6 +150,7 @@ def edit_cuda_without_cuda(tmp, demo, monkeypatch, params):
 CASES: list[Case] = [
     edit_bomb,
     sample_bomb,
+    edit_image_smaller_than_the_model_edits,
     edit_out_without_extension,
     edit_negative_max_area,
     edit_unwritable_folder,

@@ -249,6 +249,7 @@ def sample_split(
             usable = _usable(coco, img_id, cfg, allowed)
             rng = np.random.default_rng([cfg.seed, img_id])
             ann = usable[int(rng.integers(len(usable)))]
+            # as stored, never EXIF-rotated: COCO's annotations refer to the stored pixels
             pixels = read_image(images_dir / img["file_name"])
             if pixels.shape[:2] != (img["height"], img["width"]):
                 raise DataError(
