@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -76,10 +77,11 @@ def load_coco(instances: Path, captions: Path | None = None) -> tuple[Any, dict[
         missing = {"id", "file_name", "width", "height"} - set(img) if isinstance(img, dict) else {"everything"}
         if missing:
             raise DataError(f"{instances}: images[{i}] lacks {', '.join(sorted(missing))}")
-        if not all(
-            isinstance(img[k], int) and not isinstance(img[k], bool) and img[k] > 0 for k in ("width", "height")
-        ):
+        if not all(type(img[k]) is int and img[k] > 0 for k in ("width", "height")):
             raise DataError(f"{instances}: images[{i}]: width and height must be positive integers")
+        name = img["file_name"]  # relative to the images folder, and staying in it
+        if not isinstance(name, str) or not name or os.path.isabs(name) or os.path.normpath(name).startswith(".."):
+            raise DataError(f"{instances}: images[{i}]: file_name {name!r} is not a path inside the images folder")
     for i, ann in enumerate(data["annotations"]):
         missing = {"id", "image_id", "category_id", "segmentation"} - set(ann) if isinstance(ann, dict) else {"all"}
         if missing:
