@@ -15,8 +15,6 @@ Kontext, CLIP, LPIPS and the VLM judge follow the same rules.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,8 +61,8 @@ def cache_dir() -> Path:
 def resolve_reference(ref: str, name: str, build: Callable[[Path], object], version: str) -> str:
     """Turn a model reference into something ``from_pretrained`` accepts.
 
-    ``"tiny"`` builds the tiny model into the cache once (atomically: built in a
-    temporary directory, then renamed) and returns that directory; ``"toy"`` is the
+    ``"tiny"`` builds the tiny model into the cache once (under a file lock, atomically:
+    built in a temporary directory, then renamed) and returns that directory; ``"toy"`` is the
     repository's ``toy/models/<name>``; a local directory is returned as is; anything
     else is taken as a hub id.
     """
@@ -73,16 +71,18 @@ def resolve_reference(ref: str, name: str, build: Callable[[Path], object], vers
     if ref == TINY:
         target = cache_dir() / f"tiny-{name}-v{version}"
         if not (target / ".complete").is_file():
+            from filelock import FileLock
+
+            from regionroute.files import atomic_dir
+
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-            try:
-                build(tmp)
-                (tmp / ".complete").write_text("ok\n")
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(tmp, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            # concurrent first uses (queued workers on a fresh machine): one process builds, the others
+            # wait and find it complete; nobody replaces a directory another process is reading
+            with FileLock(target.with_name(target.name + ".lock")):
+                if not (target / ".complete").is_file():
+                    with atomic_dir(target) as tmp:
+                        build(tmp)
+                        (tmp / ".complete").write_text("ok\n")
         return str(target)
     path = Path(ref).expanduser()
     if path.exists():
