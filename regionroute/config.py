@@ -2,7 +2,7 @@
 
 Stages load only the sections they use (``load_section``); ``load_params`` loads and
 validates every section (used by tests to prove ``configs/paper.yaml`` is valid).
-Unknown keys, wrong types, out-of-range values and empty sections raise a
+Unknown or missing keys, wrong types, out-of-range values and empty sections raise a
 :class:`~regionroute.errors.ConfigError` whose one-line message names the file and key
 (the style of peft's ``__post_init__`` validation). No env vars, no Hydra.
 """
@@ -528,7 +528,10 @@ def _build(key: str, raw: Any, cls: type[T]) -> T:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(f"{key}.{unknown[0]}: unknown key (expected one of: {', '.join(fields)})")
-    kwargs = {name: _coerce(f"{key}.{name}", raw[name], hints[name]) for name in fields if name in raw}
+    missing = [name for name in fields if name not in raw]  # no silent defaults: the file holds every setting
+    if missing:
+        raise ConfigError(f"{key}.{missing[0]}: missing (every key of the section must be set)")
+    kwargs = {name: _coerce(f"{key}.{name}", raw[name], hints[name]) for name in fields}
     try:
         return cls(**kwargs)
     except ConfigError as exc:
