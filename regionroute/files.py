@@ -8,6 +8,7 @@ same directory, then ``os.replace`` renames it into place.
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import shutil
@@ -59,22 +60,60 @@ def _writing(path: Path) -> Iterator[None]:
         raise UserError(f"{path}: cannot write ({exc.strerror})") from None
 
 
+def _temp_prefix(path: Path) -> str:
+    """Hidden, next to ``path``, naming the writing process: ``.<name>.partial-<pid>-``."""
+    return f".{path.name}.partial-{os.getpid()}-"
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Delete temporaries of ``path`` that a killed process left (its pid is gone); live writers' stay."""
+    stem = f".{path.name}.partial-"
+    for old in path.parent.glob(glob.escape(stem) + "*"):
+        pid = old.name[len(stem) :].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _publish(tmp: Path, path: Path, mode: int) -> None:
+    """Rename ``tmp`` onto ``path`` with ``mode`` less the umask (mkstemp / mkdtemp make 0600 / 0700)."""
+    umask = os.umask(0o077)  # read it (os.getumask is Python 3.13+); briefly the stricter 077
+    os.umask(umask)
+    os.chmod(tmp, mode & ~umask)
+    os.replace(tmp, path)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
 
-    A permission or disk-full error is one line naming ``path``.
+    Temporaries a killed writer of ``path`` left are removed first; the file gets the mode
+    the umask gives new files; a permission or disk-full error is one line naming ``path``.
     """
     path = Path(path)
     with _writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        _remove_leftovers(path)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp" + path.suffix, dir=path.parent)
         os.close(fd)
     tmp_path = Path(tmp)
     try:
         with _writing(path):
             yield tmp_path
-            os.replace(tmp_path, path)
+            _publish(tmp_path, path, 0o666)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -83,18 +122,20 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary directory; it replaces ``path`` (whole) on success.
 
-    As :func:`atomic_path`: failing to create it is one line naming ``path``.
+    As :func:`atomic_path`: a killed writer's temporary directories are removed first, the
+    directory gets the umask's mode, and failing to create it is one line naming ``path``.
     """
     path = Path(path)
     with _writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        _remove_leftovers(path)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
     try:
         yield tmp
         if path.exists():
             shutil.rmtree(path)
         with _writing(path):
-            os.replace(tmp, path)
+            _publish(tmp, path, 0o777)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -1,7 +1,12 @@
-"""regionroute.files: images read correctly or refused (issue 25, item 5)."""
+"""regionroute.files: images read correctly or refused (issue 25, item 5); outputs follow the umask
+and a killed writer's temporaries are removed by the next run (item 8)."""
 
 from __future__ import annotations
 
+import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +15,9 @@ from PIL import Image
 
 from regionroute.edit import fit_to_area
 from regionroute.errors import DataError, UserError
-from regionroute.files import BACKGROUND, read_image
+from regionroute.files import BACKGROUND, atomic_dir, read_image, write_image, write_json, write_jsonl, write_mask
+from stages import sample
+from tests.conftest import DEMO, ROOT, run_stage, sample_argv
 
 
 def test_16_bit_images_are_scaled_not_clipped(tmp_path):
@@ -61,3 +68,65 @@ def test_edit_sizes_are_never_upscaled():
     assert fit_to_area(np.zeros((40, 40, 3), np.uint8), 10**6).shape == (32, 32, 3)  # down to multiples of 16
     with pytest.raises(UserError, match=r"--max-area: 256 pixels leave a 1024x64 image under 16 pixels"):
         fit_to_area(np.zeros((64, 1024, 3), np.uint8), 256)
+
+
+@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_outputs_get_the_mode_the_umask_gives(tmp_path, umask, file_mode, dir_mode):
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "a.json", {})
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == file_mode
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == dir_mode
+
+
+_KILLED_WRITER = """
+import os, sys
+from pathlib import Path
+from regionroute.files import atomic_dir, atomic_path
+kind, path = sys.argv[1], Path(sys.argv[2])
+with (atomic_dir if kind == "dir" else atomic_path)(path) as tmp:
+    (tmp / "x" if kind == "dir" else tmp).write_text("half written")
+    os._exit(9)  # killed: no cleanup runs
+"""
+
+
+def _killed_while_writing(kind: str, path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, kind, str(path)], cwd=ROOT)
+    assert proc.returncode == 9 and _hidden(path.parent)  # the kill left its temporary behind
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_the_next_run_of_a_killed_stage_removes_its_temporaries(params_file, tmp_path, capsys):
+    from regionroute.infer import run_method
+
+    # a whole-directory output (atomic_dir): the sample stage
+    splits = {"train": {"coco": "train", "num": 2}, "eval": {"coco": "val", "num": 1}}
+    out = tmp_path / "data" / "samples"
+    _killed_while_writing("dir", out)
+    code, err = run_stage(sample.main, sample_argv(params_file(data={"splits": splits}), DEMO, out), capsys)
+    assert code == 0, err
+    assert _hidden(out.parent) == []
+    # one file of a resumable output (atomic_path): the oracle's image of a pair killed while being written
+    rng = np.random.default_rng(0)
+    for name in ("o.png", "p.png"):
+        write_image(tmp_path / "eval" / name, rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    write_mask(tmp_path / "eval" / "m.png", np.ones((32, 32), bool))
+    write_jsonl(tmp_path / "eval" / "records.jsonl", [{"id": "0_pixel-art", "sample_id": "0", "image_id": 0,
+                "style": "pixel-art", "object": "dog", "original": "o.png", "mask": "m.png", "pseudo_gt": "p.png",
+                "area": 1.0, "area_frac": 1.0}])  # fmt: skip
+    from regionroute.config import InferConfig
+
+    oracle = tmp_path / "oracle"
+    assert run_method("oracle", tmp_path / "eval" / "records.jsonl", oracle, InferConfig()) == 1
+    (oracle / "images" / "0_pixel-art.png").unlink()
+    (oracle / "items" / "0_pixel-art.json").unlink()
+    _killed_while_writing("file", oracle / "images" / "0_pixel-art.png")
+    assert run_method("oracle", tmp_path / "eval" / "records.jsonl", oracle, InferConfig()) == 1
+    assert [p.name for p in oracle.rglob(".*")] == []
