@@ -44,8 +44,8 @@ writes the bytes an uninterrupted one writes.
 Data-parallel (:mod:`regionroute.distributed`): under ``accelerate launch`` rank 0
 prepares the directory and decides the batches (sorted by style, then id), each rank
 edits its contiguous slice of whole batches (so a rank merges each of its styles once) and
-writes its pairs and markers, and rank 0 writes the manifest after a barrier: the outputs
-do not depend on the number of processes.
+writes its pairs and markers, and rank 0 writes the manifest after a barrier: the batches
+do not depend on the number of processes (the pixels agree up to float noise).
 """
 
 from __future__ import annotations

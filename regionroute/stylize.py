@@ -22,7 +22,8 @@ uninterrupted run writes.
 Data-parallel (:mod:`regionroute.distributed`): under ``accelerate launch`` rank 0
 prepares each split directory and decides the batches to make, every rank stylizes its slice
 of whole batches and writes its images and markers, and rank 0 writes the manifest after a
-barrier: the images do not depend on the number of processes.
+barrier: the batches do not depend on the number of processes (the pixels agree up to float
+noise, tests/test_distributed_stages.py).
 """
 
 from __future__ import annotations
