@@ -14,7 +14,7 @@ from regionroute.files import read_image, read_jsonl, read_mask, write_image, wr
 from regionroute.infer import Editor, run_method
 from regionroute.lora_moe import LoraConfig, inject_lora_moe, save_moe
 from regionroute.models.kontext import load_kontext
-from tests.conftest import run_stage
+from tests.conftest import killed_after_the_first_item, run_stage
 
 STYLES = ("pixel-art", "line-art")
 CFG = InferConfig(steps=5, max_sequence_length=32, batch_size=2, attention_steps=(1, 2, 3, 4, 5))
@@ -94,28 +94,14 @@ def test_each_method_writes_one_image_per_pair_and_style(eval_records, model_dir
     assert run_method("oracle", eval_records, tmp_path / "oracle", CFG) == 0
 
 
-class _Kill(Exception):
-    """Stands for a kill between two pairs of one batch."""
-
-
 def test_a_run_killed_mid_batch_resumes_to_the_bytes_of_an_uninterrupted_run(eval_records, model_dir, tmp_path,
                                                                               monkeypatch):  # fmt: skip
-    from regionroute.fingerprint import ItemStore
-
     def run(out: Path) -> int:
         return run_method("regionroute", eval_records, out, CFG, _editor(model_dir), models=TINY, model_dir=model_dir)
 
     assert run(tmp_path / "straight") == 4
-    mark = ItemStore.mark
-
-    def die_after_the_first_pair(self, item_id, key):
-        mark(self, item_id, key)
-        raise _Kill
-
-    with monkeypatch.context() as m:
-        m.setattr(ItemStore, "mark", die_after_the_first_pair)
-        with pytest.raises(_Kill):
-            run(tmp_path / "killed")
+    with killed_after_the_first_item(monkeypatch):
+        run(tmp_path / "killed")
     regenerated = run(tmp_path / "killed")
     for sub in ("images", "attention"):
         for path in sorted((tmp_path / "straight" / sub).iterdir()):

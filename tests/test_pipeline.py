@@ -53,15 +53,21 @@ def _edit_params(repo: Path, changes: dict[tuple[str, str], object]) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.mark.slow
-def test_dvc_pipeline_on_the_demo_in_a_fresh_clone(tmp_path):
+def _demo_clone(tmp_path: Path) -> Path:
+    """A fresh clone of the committed HEAD, switched to configs/demo.yaml (tiny models) as the README documents."""
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     repo = tmp_path / "repo"
     _run(["git", "clone", "-q", str(ROOT), str(repo)], tmp_path)
+    (repo / "params.yaml").write_text((repo / "configs" / "demo.yaml").read_text())
+    return repo
+
+
+@pytest.mark.slow
+def test_dvc_pipeline_on_the_demo_in_a_fresh_clone(tmp_path):
+    repo = _demo_clone(tmp_path)
     _run(["git", "config", "user.email", "test@example.com"], repo)  # dvc exp run commits
     _run(["git", "config", "user.name", "test"], repo)
-    (repo / "params.yaml").write_text((repo / "configs" / "demo.yaml").read_text())  # the documented switch
     _edit_params(repo, SMALL)
     _run(["git", "commit", "-qam", "smaller demo"], repo)
 
@@ -128,11 +134,7 @@ def test_dvc_pipeline_on_the_demo_in_a_fresh_clone(tmp_path):
 @pytest.mark.slow
 def test_forced_training_twice_leaves_dvc_status_clean(tmp_path):
     """`dvc repro -f -s train` twice: the same model bytes, so the stage that reads them is not changed."""
-    if not (ROOT / ".git").exists():
-        pytest.skip("not a git checkout")
-    repo = tmp_path / "repo"
-    _run(["git", "clone", "-q", str(ROOT), str(repo)], tmp_path)
-    (repo / "params.yaml").write_text((repo / "configs" / "demo.yaml").read_text())
+    repo = _demo_clone(tmp_path)
     _edit_params(repo, {**SMALL, ("data", "splits"): {"train": {"coco": "train", "num": 2}, "eval": {"coco": "val",
                  "num": 1}}, ("stylize", "steps"): 2, ("train", "steps"): 2, ("infer", "steps"): 2,
                  ("infer", "attention_steps"): [1, 2]})  # fmt: skip

@@ -12,7 +12,7 @@ from regionroute.composite import composite_pair
 from regionroute.config import CompositeConfig
 from regionroute.files import read_image, read_jsonl, read_mask
 from stages import composite, sample, stylize
-from tests.conftest import DEMO, run_stage, sample_argv
+from tests.conftest import DEMO, killed_after_the_first_item, run_stage, sample_argv
 
 SMALL = {"splits": {"train": {"coco": "train", "num": 3}, "eval": {"coco": "val", "num": 2}}}
 
@@ -54,25 +54,11 @@ def test_stylize_writes_one_image_per_sample_and_resumes(samples, tmp_path, caps
     assert len(read_jsonl(out / "train" / "manifest.jsonl")) == 3
 
 
-class _Kill(Exception):
-    """Stands for a kill between two images of one batch."""
-
-
 def test_a_run_killed_mid_batch_resumes_to_the_bytes_of_an_uninterrupted_run(samples, tmp_path, capsys, monkeypatch):
-    from regionroute.fingerprint import ItemStore
-
     params, sdir = samples
     assert _stylize(params, sdir, tmp_path / "straight", "pixel-art", capsys)[0] == 0
-    mark = ItemStore.mark
-
-    def die_after_the_first_image(self, item_id, key):
-        mark(self, item_id, key)
-        raise _Kill
-
-    with monkeypatch.context() as m:
-        m.setattr(ItemStore, "mark", die_after_the_first_image)
-        with pytest.raises(_Kill):
-            _stylize(params, sdir, tmp_path / "killed", "pixel-art", capsys)
+    with killed_after_the_first_item(monkeypatch):
+        _stylize(params, sdir, tmp_path / "killed", "pixel-art", capsys)
     assert len(list((tmp_path / "killed").rglob("images/*.png"))) == 1  # killed inside the first batch of 2
     assert _stylize(params, sdir, tmp_path / "killed", "pixel-art", capsys)[0] == 0
     straight = sorted((tmp_path / "straight").rglob("images/*.png"))
