@@ -14,6 +14,7 @@ import re
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from regionroute.config import load_section
@@ -101,10 +102,11 @@ def test_config_defaults_are_the_paper_and_bad_values_name_the_key(tmp_path):
         with pytest.raises(ConfigError, match=re.escape(key)):
             LoraConfig(**kwargs)
     params = tmp_path / "params.yaml"
-    params.write_text("lora:\n  rank: 8\n  routing: learned\n  single_stream: false\n")
+    section = {**cfg.to_dict(), "rank": 8, "routing": "learned", "single_stream": False}
+    params.write_text(yaml.safe_dump({"lora": section}))
     loaded = load_section(params, "lora", LoraConfig)
     assert (loaded.rank, loaded.routing, loaded.single_stream) == (8, "learned", False)
-    params.write_text("lora:\n  routing: mole\n")
+    params.write_text(yaml.safe_dump({"lora": {**section, "routing": "mole"}}))
     with pytest.raises(ConfigError, match=r"lora\.routing"):
         load_section(params, "lora", LoraConfig)
     params.write_text("lora:\n  ranks: 4\n")
