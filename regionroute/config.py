@@ -2,7 +2,7 @@
 
 Stages load only the sections they use (``load_section``); ``load_params`` loads and
 validates every section (used by tests to prove ``configs/paper.yaml`` is valid).
-Unknown keys, wrong types, out-of-range values and empty sections raise a
+Unknown or missing keys, wrong types, out-of-range values and empty sections raise a
 :class:`~regionroute.errors.ConfigError` whose one-line message names the file and key
 (the style of peft's ``__post_init__`` validation). No env vars, no Hydra.
 """
@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 from ruamel.yaml import YAML, YAMLError
 
 from regionroute.errors import ConfigError
+from regionroute.files import MAX_IMAGE_PIXELS
 
 __all__ = [
     "DOUBLE_STREAM_TARGETS",
@@ -167,6 +168,10 @@ class SampleConfig(Section):
     def _validate(self) -> None:
         if self.resolution < 16 or self.resolution % 16:
             self._fail("resolution", f"must be a positive multiple of 16, got {self.resolution}")
+        if self.resolution**2 > MAX_IMAGE_PIXELS:
+            self._fail(
+                "resolution", f"{self.resolution}^2 pixels is more than the {MAX_IMAGE_PIXELS} an image may have"
+            )
         self._in_range("min_area_frac", 0, 1, closed=False)
         self._in_range("max_mask_loss", 0, 1, closed=False)
         if set(self.categories) & set(self.exclude_categories):
@@ -515,7 +520,10 @@ def _build(key: str, raw: Any, cls: type[T]) -> T:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(f"{key}.{unknown[0]}: unknown key (expected one of: {', '.join(fields)})")
-    kwargs = {name: _coerce(f"{key}.{name}", raw[name], hints[name]) for name in fields if name in raw}
+    missing = [name for name in fields if name not in raw]  # no silent defaults: the file holds every setting
+    if missing:
+        raise ConfigError(f"{key}.{missing[0]}: missing (every key of the section must be set)")
+    kwargs = {name: _coerce(f"{key}.{name}", raw[name], hints[name]) for name in fields}
     try:
         return cls(**kwargs)
     except ConfigError as exc:

@@ -3,13 +3,15 @@
 The base pipeline is the model reference saved in the model directory's
 ``regionroute.json`` (hub id, local path or ``tiny``); the experts come from its ``moe/``.
 Large inputs are resized (aspect kept, sides multiples of 16, a multiple of every token size
-here) to at most ``max_area``
-pixels, by default the training resolution's area.
+here) to at most ``max_area`` pixels, by default the training resolution's area; inputs are
+never upscaled (a side under 16 pixels is refused). The EXIF orientation is applied.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +19,26 @@ from PIL import Image
 
 from regionroute.config import InferConfig, ModelsConfig
 from regionroute.errors import UserError
-from regionroute.files import read_image, write_image
+from regionroute.files import check_writable, image_format, read_image, write_image
+from regionroute.models import resolve_device
 
-__all__ = ["edit_image", "fit_to_area"]
+__all__ = ["SIDE", "edit_image", "fit_to_area"]
+
+
+#: Sides are multiples of this (a multiple of every token size here); the smallest side edited.
+SIDE = 16
 
 
 def fit_to_area(image: np.ndarray, max_area: int) -> np.ndarray:
-    """Resize so that ``H * W <= max_area`` (never upscaled) with both sides multiples of 16."""
+    """Resize so that ``H * W <= max_area`` with both sides multiples of 16 (never upscaled).
+
+    A ``max_area`` that would leave a side under 16 pixels is a :class:`UserError`.
+    """
     h, w = image.shape[:2]
     scale = min(1.0, (max_area / (h * w)) ** 0.5)
-    nh, nw = max(16, int(h * scale) // 16 * 16), max(16, int(w * scale) // 16 * 16)
+    nh, nw = int(h * scale) // SIDE * SIDE, int(w * scale) // SIDE * SIDE
+    if min(nh, nw) < SIDE:
+        raise UserError(f"--max-area: {max_area} pixels leave a {w}x{h} image under {SIDE} pixels on a side")
     if (nh, nw) == (h, w):
         return image
     return np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.LANCZOS))
@@ -68,8 +80,20 @@ def edit_image(
         )
     if not obj.strip():
         raise UserError("--object: must be a non-empty word, e.g. 'dog'")
-    image = read_image(image_path)
-    pipe = load_kontext(ModelsConfig(kontext=config["base_model"], dtype=dtype, device=device))
+    for flag, path in (("--out", out_path), ("--attention-png", attention_png)):
+        try:  # before any inference: a bad output name or folder fails now
+            if path is not None:
+                image_format(path)
+                check_writable(path)
+        except UserError as exc:
+            raise UserError(f"{flag}: {exc}") from None
+    image = read_image(image_path, exif_orientation=True)  # a photo as viewers show it
+    h, w = image.shape[:2]
+    if min(h, w) < SIDE:  # upscaling would invent the pixels being edited
+        raise UserError(f"{image_path}: {w}x{h} pixels, smaller than the {SIDE}x{SIDE} the model edits")
+    with _as_flags(model_dir):
+        resolve_device(device)
+        pipe = load_kontext(ModelsConfig(kontext=config["base_model"], dtype=dtype, device=device))
     if max_area is None:  # the training images' area: latent size x the VAE's factor
         lh, lw = config.get("latent_hw", [64, 64])
         max_area = lh * lw * pipe.vae_scale_factor**2
@@ -93,3 +117,18 @@ def edit_image(
     if attention_png is not None and maps is not None:
         save_attention_figure(Path(attention_png), outs[0], maps[0], cfg.attention_steps, title=instruction)
     return Path(out_path)
+
+
+@contextmanager
+def _as_flags(model_dir: Path) -> Iterator[None]:
+    """Errors about the loaded model's settings, named by the CLI flag that set them."""
+    flags = {"models.device: ": "--device: ", "models.dtype: ": "--dtype: ",
+             "models.kontext: ": f"--model: {model_dir / 'regionroute.json'}: base_model: "}  # fmt: skip
+    try:
+        yield
+    except UserError as exc:
+        msg = str(exc)
+        flag = next((k for k in flags if msg.startswith(k)), None)
+        if flag is None:
+            raise
+        raise UserError(flags[flag] + msg[len(flag) :]) from None

@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -27,12 +27,14 @@ __all__ = [
     "json_digest",
     "library_versions",
     "model_digest",
+    "pending_batches",
     "stage_code_digest",
     "stage_code_files",
     "tensor_digest",
     "tree_digest",
 ]
 
+T = TypeVar("T")
 _CHUNK = 1 << 20
 # (path, size, mtime_ns, inode) -> sha256: a file is read once per process however often it is keyed.
 _FILE_MEMO: dict[tuple[str, int, int, int], str] = {}
@@ -182,3 +184,16 @@ class ItemStore:
                     f.unlink()
                     removed += sub == "items"
         return removed
+
+
+def pending_batches(items: Sequence[T], batch_size: int, done: Callable[[T], bool]) -> list[list[T]]:
+    """The batches of ``items`` (consecutive, ``batch_size`` each) that hold an item not ``done``.
+
+    Which batch an item belongs to is a function of the whole ordered item list and the batch
+    size alone, never of what is already done: an item's output is NOT independent of its
+    batch mates (batched kernels round differently for another batch size; the tiny Kontext
+    gives pixels off by 1), so a resumed run regenerates every unfinished batch whole, with the
+    mates the uninterrupted run gave it, and writes the same bytes. Ranks take whole batches.
+    """
+    batches = [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+    return [batch for batch in batches if not all(done(item) for item in batch)]

@@ -2,9 +2,10 @@
 
 Methods: ``base`` (the base Kontext), ``regionroute`` (the experts routed as trained: merged per
 style, or weighted by the learned gate) and ``oracle`` (the eval split's pseudo-GT: uses the mask,
-an upper bound). :class:`Editor` edits, :func:`run_method` runs a method over the records; the noise
-of an image is ``item_seed("infer", infer.seed, image_id)``, the same for every method. Resumable,
-keyed on content (:mod:`regionroute.fingerprint`); data-parallel (:mod:`regionroute.distributed`).
+an upper bound). :class:`Editor` edits, :func:`run_method` runs a method over the records in batches
+fixed by the sorted ids and ``infer.batch_size`` (a resumed run writes an uninterrupted run's bytes);
+the noise of an image is ``item_seed("infer", infer.seed, image_id)``, the same for every method.
+Resumable, keyed on content (:mod:`regionroute.fingerprint`); data-parallel (:mod:`regionroute.distributed`).
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ def run_method(
     processes the count is the total over all of them.
     """
     from regionroute import distributed as dist
-    from regionroute.fingerprint import ItemStore
+    from regionroute.fingerprint import ItemStore, pending_batches
 
     if method not in METHODS:
         raise UserError(f"--method: unknown method {method!r} (one of {', '.join(METHODS)})")
@@ -219,26 +220,34 @@ def run_method(
     model_dir = model_dir if method == "regionroute" else None  # only regionroute depends on the experts
     store = ItemStore(out_dir)
 
-    def prepare() -> list[tuple[dict[str, Any], str]]:
-        """Rank 0: key the output dir, prune, list (record, key) of the pairs to edit, by style then id."""
+    def prepare() -> list[list[tuple[dict[str, Any], str]]]:
+        """Rank 0: key the output dir, prune, list the batches of (record, key) to edit, by style then id."""
         prepare_resumable_dir(out_dir, _fingerprint(method, cfg, models, model_dir, code))
         (out_dir / "manifest.jsonl").unlink(missing_ok=True)
         store.prune({r["id"] for r in records}, ["images", "attention", "figures"])
         keyed = [(r, _item_key(method, root, r, cfg)) for r in sorted(records, key=lambda r: (r["style"], r["id"]))]
-        return [(r, key) for r, key in keyed if not store.done(r["id"], key, [f"images/{r['id']}.png"])]
+        return [
+            batch
+            for style in sorted({r["style"] for r in records})
+            for batch in pending_batches(
+                [x for x in keyed if x[0]["style"] == style],
+                cfg.batch_size,
+                lambda x: store.done(x[0]["id"], x[1], [f"images/{x[0]['id']}.png"]),
+            )
+        ]  # one style per batch; a batch's mates change its pixels (infer.batch_size is in the fingerprint)
 
     todo = dist.plan(prepare)
-    mine = dist.shard(todo)
-    with tqdm(total=len(mine), desc=f"infer {method}", unit="img", disable=not dist.is_main()) as bar:
+    mine = dist.shard(todo)  # whole batches, sorted by style: a rank merges each of its styles once
+    with tqdm(total=sum(map(len, mine)), desc=f"infer {method}", unit="img", disable=not dist.is_main()) as bar:
         if method == "oracle":
-            _copy_pseudo_gt(mine, root, store, bar)
+            _copy_pseudo_gt([pair for batch in mine for pair in batch], root, store, bar)
         else:
-            _edit_pairs(method, mine, root, cfg, editor, store, bar)
+            _edit_batches(method, mine, root, cfg, editor, store, bar)
     dist.barrier()  # every rank's pairs are written
     if dist.is_main():
         _write_manifest(out_dir / "manifest.jsonl", method, records, cfg)
     dist.barrier()  # the manifest is written when any rank returns
-    return len(todo)
+    return sum(map(len, todo))
 
 
 def _copy_pseudo_gt(todo: list[tuple[dict[str, Any], str]], root: Path, store: Any, bar: Any) -> None:
@@ -249,28 +258,26 @@ def _copy_pseudo_gt(todo: list[tuple[dict[str, Any], str]], root: Path, store: A
         bar.update(1)
 
 
-def _edit_pairs(
-    method: str, todo: list[tuple[dict[str, Any], str]], root: Path, cfg: InferConfig, editor: Editor, store: Any,
-    bar: Any,
+def _edit_batches(
+    method: str, batches: list[list[tuple[dict[str, Any], str]]], root: Path, cfg: InferConfig, editor: Editor,
+    store: Any, bar: Any,
 ) -> None:  # fmt: skip
-    """Edit the pairs style by style (an expert is merged once per style), saving images, maps and figures."""
+    """Edit batch by batch (sorted by style: an expert is merged once per style), saving images, maps, figures."""
     steps = tuple(cfg.attention_steps)
-    for style in sorted({r["style"] for r, _ in todo}):
-        group = [(r, key) for r, key in todo if r["style"] == style]
-        for start in range(0, len(group), cfg.batch_size):
-            batch = group[start : start + cfg.batch_size]
-            images = [read_image(root / r["original"]) for r, _ in batch]
-            seeds = [item_seed("infer", cfg.seed, r["image_id"]) for r, _ in batch]
-            outs, maps = editor.edit(images, [r["object"] for r, _ in batch], style, seeds)
-            for i, (r, key) in enumerate(batch):
-                if maps is not None:
-                    _save_npz(store.root / "attention" / f"{r['id']}.npz", maps[i], steps)
-                    if cfg.figures:
-                        title = f"{method}: {cfg.instruction.format(object=r['object'], style=style)}"
-                        save_attention_figure(store.root / "figures" / f"{r['id']}.png", outs[i], maps[i], steps, title)
-                write_image(store.root / "images" / f"{r['id']}.png", outs[i])
-                store.mark(r["id"], key)  # last: the pair is done for exactly these inputs
-            bar.update(len(batch))
+    for batch in batches:
+        style = batch[0][0]["style"]
+        images = [read_image(root / r["original"]) for r, _ in batch]
+        seeds = [item_seed("infer", cfg.seed, r["image_id"]) for r, _ in batch]
+        outs, maps = editor.edit(images, [r["object"] for r, _ in batch], style, seeds)
+        for i, (r, key) in enumerate(batch):
+            if maps is not None:
+                _save_npz(store.root / "attention" / f"{r['id']}.npz", maps[i], steps)
+                if cfg.figures:
+                    title = f"{method}: {cfg.instruction.format(object=r['object'], style=style)}"
+                    save_attention_figure(store.root / "figures" / f"{r['id']}.png", outs[i], maps[i], steps, title)
+            write_image(store.root / "images" / f"{r['id']}.png", outs[i])
+            store.mark(r["id"], key)  # last: the pair is done for exactly these inputs
+        bar.update(len(batch))
     editor.close()
 
 

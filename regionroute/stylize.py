@@ -1,13 +1,15 @@
 """Stage ``stylize``: global stylization of each sampled image with FLUX.1-Kontext (docs/method.md §1.3).
 
-:func:`stylize_splits` edits every crop with ``stylize.instruction`` at its own size, in batches,
-each image with the noise ``item_seed("stylize", stylize.seed, image_id)``; writes
+:func:`stylize_splits` edits every crop with ``stylize.instruction`` at its own size, in batches
+fixed by the sorted ids and ``stylize.batch_size`` (a resumed run writes an uninterrupted run's
+bytes), each image with the noise ``item_seed("stylize", stylize.seed, image_id)``; writes
 ``<out>/<split>/images/<id>.png`` and ``manifest.jsonl``. Resumable, keyed on content
 (:mod:`regionroute.fingerprint`); data-parallel (:mod:`regionroute.distributed`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,10 +32,14 @@ def fingerprint(cfg: StylizeConfig, models: ModelsConfig, style: str, code: str)
 
     return {
         "style": style,
-        "stylize": {k: getattr(cfg, k) for k in ("instruction", "steps", "guidance", "max_sequence_length", "seed")},
+        "stylize": dataclasses.asdict(cfg),  # every field; batch_size too: see pending_batches
         "models": kontext_key(models),
         "code": code,
     }
+
+
+def _image(record: dict[str, Any]) -> str:
+    return f"images/{record['id']}.png"
 
 
 def stylize_batch(
@@ -60,7 +66,7 @@ def stylize_splits(
     Returns how many images were generated per split (by all processes together).
     """
     from regionroute import distributed as dist
-    from regionroute.fingerprint import ItemStore, file_digest, json_digest
+    from regionroute.fingerprint import ItemStore, file_digest, json_digest, pending_batches
     from regionroute.seeds import item_seed
 
     for split in sorted(samples):
@@ -74,8 +80,8 @@ def stylize_splits(
         store = ItemStore(split_dir)
         records = read_jsonl(samples[split] / "manifest.jsonl")
 
-        def prepare(records=records, split=split, split_dir=split_dir, store=store) -> list[tuple[dict, str]]:
-            """Rank 0: key the output dir, prune, and list (record, key) of the images to make, by id."""
+        def prepare(records=records, split=split, split_dir=split_dir, store=store) -> list[list[tuple[dict, str]]]:
+            """Rank 0: key the output dir, prune, and list the batches of (record, key) to make, by id."""
             prepare_resumable_dir(split_dir, fp)
             (split_dir / "manifest.jsonl").unlink(missing_ok=True)
             store.prune({r["id"] for r in records}, ["images"])
@@ -88,19 +94,18 @@ def stylize_splits(
                 )
                 for r in sorted(records, key=lambda r: r["id"])
             ]
-            return [(r, key) for r, key in keyed if not store.done(r["id"], key, [f"images/{r['id']}.png"])]
+            return pending_batches(keyed, cfg.batch_size, lambda x: store.done(x[0]["id"], x[1], [_image(x[0])]))
 
         todo = dist.plan(prepare)
         mine = dist.shard(todo)
         desc = f"stylize {style} {split}"
-        with tqdm(total=len(mine), desc=desc, unit="img", disable=not dist.is_main()) as bar:
-            for start in range(0, len(mine), cfg.batch_size):
-                batch = mine[start : start + cfg.batch_size]
+        with tqdm(total=sum(map(len, mine)), desc=desc, unit="img", disable=not dist.is_main()) as bar:
+            for batch in mine:
                 images = [read_image(samples[split] / r["image"]) for r, _ in batch]
                 seeds = [item_seed("stylize", cfg.seed, r["image_id"]) for r, _ in batch]
                 outs = stylize_batch(pipe, images, [prompt] * len(batch), seeds, cfg)
                 for (r, key), out in zip(batch, outs, strict=True):
-                    write_image(split_dir / "images" / f"{r['id']}.png", out)
+                    write_image(split_dir / _image(r), out)
                     store.mark(r["id"], key)  # last: the image is done for exactly these inputs
                 bar.update(len(batch))
         dist.barrier()  # every rank's images are written
@@ -111,13 +116,13 @@ def stylize_splits(
                     {
                         "id": r["id"],
                         "style": style,
-                        "stylized": f"images/{r['id']}.png",
+                        "stylized": _image(r),
                         "seed": item_seed("stylize", cfg.seed, r["image_id"]),
                         "instruction": prompt,
                     }
                     for r in records
                 ),
             )
-        counts[split] = len(todo)
+        counts[split] = sum(map(len, todo))
     dist.barrier()  # the manifests are written when any rank returns
     return counts

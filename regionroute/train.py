@@ -266,6 +266,8 @@ class _Log:
         self.live.end()
         with atomic_dir(live_dir) as tmp:
             shutil.copytree(self.ckpt_dir / "dvclive", tmp, dirs_exist_ok=True)
+            # dvclive keeps a resumed run's summary in the order it read it back: sorted, as all our JSON
+            write_json(tmp / "metrics.json", read_json(tmp / "metrics.json"))
 
 
 def _export(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,23 @@ def sample_argv(params: Path, root: Path, out: Path, split: str = "train", coco:
         "--captions", str(root / "annotations" / f"captions_{coco}.json"),
         "--images", str(root / coco), "--out", str(out),
     ]  # fmt: skip
+
+
+class Killed(Exception):
+    """Stands for a kill of the process at the point it is raised."""
+
+
+@contextmanager
+def killed_after_the_first_item(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Run the block as a stage killed right after its first item is done (inside the first batch)."""
+    from regionroute.fingerprint import ItemStore
+
+    mark = ItemStore.mark
+
+    def die(self: ItemStore, item_id: str, key: str) -> None:
+        mark(self, item_id, key)
+        raise Killed
+
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        m.setattr(ItemStore, "mark", die)
+        yield

@@ -39,7 +39,7 @@ def _assert_images_close(a: Path, b: Path, names: list[str], levels: int = 2) ->
 
 def test_stylize_two_processes_equal_one(params_file, tmp_path, capsys):
     splits = {"train": {"coco": "train", "num": 3}, "eval": {"coco": "val", "num": 1}}  # eval: 1 item, 2 ranks
-    # batch 4: one process edits the 3 train images in one batch, two processes in batches of 2 and 1
+    # batch 4: the 3 train images are one batch, whole on one rank, whatever the number of processes
     params = params_file(models=TINY, data={"splits": splits, "styles": STYLES}, stylize={"steps": 2, "batch_size": 4})
     for split, coco in (("train", "train"), ("eval", "val")):
         code, err = run_stage(
@@ -107,7 +107,7 @@ def eval_set(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_infer_two_processes_equal_one(params_file, eval_set, tmp_path, capsys):
     records, model = eval_set
-    # 6 pairs, batch 2: the ranks get 3 pairs each (one of them split across the two styles)
+    # 6 pairs, batch 2: per style batches of 2 and 1, two whole batches per rank
     params = params_file(models=TINY, data={"styles": STYLES}, train={"max_sequence_length": 32},
                          infer={"steps": 3, "attention_steps": [1, 3], "batch_size": 2})  # fmt: skip
     argv = ["--params", str(params), "--method", "regionroute", "--records", str(records), "--model", str(model)]

@@ -14,7 +14,7 @@ from regionroute.files import read_image, read_jsonl, read_mask, write_image, wr
 from regionroute.infer import Editor, run_method
 from regionroute.lora_moe import LoraConfig, inject_lora_moe, save_moe
 from regionroute.models.kontext import load_kontext
-from tests.conftest import run_stage
+from tests.conftest import killed_after_the_first_item, run_stage
 
 STYLES = ("pixel-art", "line-art")
 CFG = InferConfig(steps=5, max_sequence_length=32, batch_size=2, attention_steps=(1, 2, 3, 4, 5))
@@ -94,6 +94,21 @@ def test_each_method_writes_one_image_per_pair_and_style(eval_records, model_dir
     assert run_method("oracle", eval_records, tmp_path / "oracle", CFG) == 0
 
 
+def test_a_run_killed_mid_batch_resumes_to_the_bytes_of_an_uninterrupted_run(eval_records, model_dir, tmp_path,
+                                                                              monkeypatch):  # fmt: skip
+    def run(out: Path) -> int:
+        return run_method("regionroute", eval_records, out, CFG, _editor(model_dir), models=TINY, model_dir=model_dir)
+
+    assert run(tmp_path / "straight") == 4
+    with killed_after_the_first_item(monkeypatch):
+        run(tmp_path / "killed")
+    regenerated = run(tmp_path / "killed")
+    for sub in ("images", "attention"):
+        for path in sorted((tmp_path / "straight" / sub).iterdir()):
+            assert (tmp_path / "killed" / sub / path.name).read_bytes() == path.read_bytes(), path.name
+    assert regenerated == 4  # the killed batch (2 pairs of one style) whole, and the other style's, not begun
+
+
 def test_merged_and_routed_experts_give_the_same_edit(eval_records, model_dir):
     root = eval_records.parent
     image = read_image(root / "o0.png")
@@ -111,6 +126,18 @@ def test_edit_command_end_to_end(model_dir, eval_records, tmp_path, capsys):
     code, err = run_stage(cli.main, argv, capsys)
     assert code == 0, err
     assert read_image(out).shape == (128, 128, 3) and (tmp_path / "att.png").is_file()
+
+
+def test_edit_applies_the_exif_orientation_of_a_photo(model_dir, tmp_path, capsys):
+    from tests.test_files import _rotated_photo
+
+    _rotated_photo(tmp_path / "photo.jpg")  # stored 128 x 64, shown 64 x 128
+    out = tmp_path / "out.png"
+    argv = ["edit", str(tmp_path / "photo.jpg"), "--object", "dog", "--style", "pixel-art", "--model", str(model_dir),
+            "--out", str(out), "--steps", "2"]  # fmt: skip
+    code, err = run_stage(cli.main, argv, capsys)
+    assert code == 0, err
+    assert read_image(out).shape == (128, 64, 3)
 
 
 @pytest.mark.parametrize(
@@ -216,23 +243,24 @@ def test_changed_inputs_are_recomputed_and_nothing_else(eval_records, tmp_path):
     records = _copy_records(eval_records, tmp_path / "eval")
     root = records.parent
     out = tmp_path / "base"
-    assert run_method("base", records, out, CFG, _editor(), models=TINY) == 4
+    cfg = dataclasses.replace(CFG, batch_size=1)  # a changed pair's batch mates are regenerated with it
+    assert run_method("base", records, out, cfg, _editor(), models=TINY) == 4
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
     write_image(root / "o1.png", 255 - read_image(root / "o1.png"))  # sample 1's pixels change, not its path
-    assert run_method("base", records, out, CFG, _editor(), models=TINY) == 2
+    assert run_method("base", records, out, cfg, _editor(), models=TINY) == 2
     for p in (out / "images").iterdir():
         assert (p.stat().st_mtime_ns == stamps[p.name]) == p.name.startswith("000_")
     # the oracle follows the pseudo-GT's pixels
-    assert run_method("oracle", records, tmp_path / "oracle", CFG) == 4
+    assert run_method("oracle", records, tmp_path / "oracle", cfg) == 4
     rows = read_jsonl(records)
     write_image(root / rows[0]["pseudo_gt"], read_image(root / rows[0]["pseudo_gt"]) // 2)
-    assert run_method("oracle", records, tmp_path / "oracle", CFG) == 1
+    assert run_method("oracle", records, tmp_path / "oracle", cfg) == 1
     for r in rows:
         np.testing.assert_array_equal(read_image(tmp_path / "oracle" / "images" / f"{r['id']}.png"),
                                       read_image(root / r["pseudo_gt"]))  # fmt: skip
     # a pair that disappears from the records is pruned
     write_jsonl(records, rows[1:])
-    assert run_method("oracle", records, tmp_path / "oracle", CFG) == 0
+    assert run_method("oracle", records, tmp_path / "oracle", cfg) == 0
     assert sorted(p.stem for p in (tmp_path / "oracle" / "images").iterdir()) == sorted(r["id"] for r in rows[1:])
 
 

@@ -14,6 +14,7 @@ import re
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from regionroute.config import load_section
@@ -101,10 +102,11 @@ def test_config_defaults_are_the_paper_and_bad_values_name_the_key(tmp_path):
         with pytest.raises(ConfigError, match=re.escape(key)):
             LoraConfig(**kwargs)
     params = tmp_path / "params.yaml"
-    params.write_text("lora:\n  rank: 8\n  routing: learned\n  single_stream: false\n")
+    section = {**cfg.to_dict(), "rank": 8, "routing": "learned", "single_stream": False}
+    params.write_text(yaml.safe_dump({"lora": section}))
     loaded = load_section(params, "lora", LoraConfig)
     assert (loaded.rank, loaded.routing, loaded.single_stream) == (8, "learned", False)
-    params.write_text("lora:\n  routing: mole\n")
+    params.write_text(yaml.safe_dump({"lora": {**section, "routing": "mole"}}))
     with pytest.raises(ConfigError, match=r"lora\.routing"):
         load_section(params, "lora", LoraConfig)
     params.write_text("lora:\n  ranks: 4\n")
@@ -368,3 +370,34 @@ def test_save_load_moe_round_trip(transformer, pipe, tmp_path):
     assert not any(isinstance(m, MoELoraLinear) for m in fresh.modules())
     with pytest.raises(DataError, match="not found"):
         load_moe(fresh, tmp_path / "missing")
+
+
+_EXPORT = """
+import sys, torch
+from regionroute.lora_moe import LoraConfig, export_experts, inject_lora_moe
+from regionroute.tiny.kontext import build_tiny_kontext
+moe = inject_lora_moe(build_tiny_kontext(seed=0).transformer, LoraConfig(), [f"e{i}" for i in range(8)])
+torch.manual_seed(0)
+with torch.no_grad():
+    for p in moe.trainable_parameters():
+        p.add_(torch.randn_like(p))
+for run in ("1", "2"):  # twice in each process too
+    export_experts(moe, f"{sys.argv[1]}/{run}")
+"""
+
+
+def test_identical_experts_exported_by_two_processes_are_identical_bytes(tmp_path):
+    """safetensors orders a header's metadata keys at random per process: the files must not depend on it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    procs = [subprocess.Popen([sys.executable, "-c", _EXPORT, str(tmp_path / run)], cwd=ROOT) for run in "ab"]
+    assert [p.wait() for p in procs] == [0, 0]
+    names = sorted(p.name for p in (tmp_path / "a" / "1").iterdir())
+    assert names == [f"e{i}.safetensors" for i in range(8)]
+    for name in names:
+        first = (tmp_path / "a" / "1" / name).read_bytes()
+        for run in ("a/2", "b/1", "b/2"):
+            assert (tmp_path / run / name).read_bytes() == first, f"{run}/{name}"

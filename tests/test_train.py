@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,9 @@ def test_resumed_run_logs_exactly_what_the_uninterrupted_run_logs(encoded, tmp_p
         assert [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6]
         np.testing.assert_allclose([v for _, v in resumed], [v for _, v in ref], rtol=1e-5)
     assert summary["n_empty_total"] == straight["n_empty_total"]
+    # the summary DVC hashes: the same keys in the same order (the values agree to float noise, above)
+    resumed, ref = ((tmp_path / run / "metrics.json").read_text() for run in ("l1", "l2"))
+    assert re.findall(r'"([^"]+)":', resumed) == re.findall(r'"([^"]+)":', ref)
 
 
 def test_empty_masks_are_counted_per_step(encoded, tmp_path):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,10 +73,19 @@ def load_coco(instances: Path, captions: Path | None = None) -> tuple[Any, dict[
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DataError(f"{instances}: missing or invalid '{key}' list (not a COCO instances file?)")
-    for i, ann in enumerate(data["annotations"]):
-        missing = {"id", "image_id", "category_id", "segmentation"} - set(ann)
+    for i, img in enumerate(data["images"]):
+        missing = {"id", "file_name", "width", "height"} - set(img) if isinstance(img, dict) else {"everything"}
         if missing:
-            raise DataError(f"{instances}: annotation #{i} lacks {', '.join(sorted(missing))}")
+            raise DataError(f"{instances}: images[{i}] lacks {', '.join(sorted(missing))}")
+        if not all(type(img[k]) is int and img[k] > 0 for k in ("width", "height")):
+            raise DataError(f"{instances}: images[{i}]: width and height must be positive integers")
+        name = img["file_name"]  # relative to the images folder, and staying in it
+        if not isinstance(name, str) or not name or os.path.isabs(name) or os.path.normpath(name).startswith(".."):
+            raise DataError(f"{instances}: images[{i}]: file_name {name!r} is not a path inside the images folder")
+    for i, ann in enumerate(data["annotations"]):
+        missing = {"id", "image_id", "category_id", "segmentation"} - set(ann) if isinstance(ann, dict) else {"all"}
+        if missing:
+            raise DataError(f"{instances}: annotations[{i}] lacks {', '.join(sorted(missing))}")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -92,18 +102,38 @@ def load_coco(instances: Path, captions: Path | None = None) -> tuple[Any, dict[
     return coco, caps
 
 
-def _check_polygon(ann: dict[str, Any], img: dict[str, Any], instances: Path) -> None:
-    seg = ann["segmentation"]
-    if not isinstance(seg, list):  # RLE: already rasterised at the image size
+def _check_segmentation(ann: dict[str, Any], img: dict[str, Any], instances: Path) -> None:
+    """Polygons inside the image, or an RLE of the image's size: anything else is one DataError."""
+    seg, h, w = ann["segmentation"], img["height"], img["width"]
+    where = f"{instances}: annotation {ann['id']} (image {img['file_name']})"
+    if isinstance(seg, dict):  # RLE: rasterised at the image size
+        counts = seg.get("counts")
+        counts_ok = isinstance(counts, str) or (
+            isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+        )
+        if seg.get("size") != [h, w] or not counts_ok:
+            raise DataError(f"{where}: malformed RLE (size must be [{h}, {w}], counts a string or counts >= 0)")
         return
-    w, h = img["width"], img["height"]
+    if not isinstance(seg, list) or not seg:
+        raise DataError(f"{where}: segmentation must be a list of polygons or an RLE")
     for poly in seg:
-        xs, ys = np.asarray(poly[0::2], dtype=float), np.asarray(poly[1::2], dtype=float)
+        try:
+            xs, ys = np.asarray(poly[0::2], dtype=float), np.asarray(poly[1::2], dtype=float)
+        except (TypeError, ValueError, KeyError):
+            raise DataError(f"{where}: a polygon must be a list of numbers x0, y0, x1, y1, ...") from None
         if len(xs) < 3 or xs.min() < -1 or ys.min() < -1 or xs.max() > w + 1 or ys.max() > h + 1:
-            raise DataError(
-                f"{instances}: annotation {ann['id']} (image {img['file_name']}): polygon lies outside "
-                f"the {w}x{h} image or has fewer than 3 points"
-            )
+            raise DataError(f"{where}: polygon lies outside the {w}x{h} image or has fewer than 3 points")
+
+
+def _mask(coco: Any, ann: dict[str, Any], img: dict[str, Any], instances: Path) -> np.ndarray:
+    """The annotation's mask ``bool (H, W)``; counts pycocotools refuses (not summing to H x W) are a DataError."""
+    _check_segmentation(ann, img, instances)
+    try:
+        return coco.annToMask(ann).astype(bool)
+    except ValueError as exc:
+        raise DataError(
+            f"{instances}: annotation {ann['id']} (image {img['file_name']}): malformed RLE ({exc})"
+        ) from None
 
 
 def crop_square(image: np.ndarray, mask: np.ndarray, resolution: int) -> tuple[np.ndarray, np.ndarray, tuple, float]:
@@ -221,14 +251,14 @@ def sample_split(
             usable = _usable(coco, img_id, cfg, allowed)
             rng = np.random.default_rng([cfg.seed, img_id])
             ann = usable[int(rng.integers(len(usable)))]
-            _check_polygon(ann, img, instances)
+            # as stored, never EXIF-rotated: COCO's annotations refer to the stored pixels
             pixels = read_image(images_dir / img["file_name"])
             if pixels.shape[:2] != (img["height"], img["width"]):
                 raise DataError(
                     f"{images_dir / img['file_name']}: size {pixels.shape[1]}x{pixels.shape[0]} "
                     f"differs from {img['width']}x{img['height']} in {instances}"
                 )
-            mask = coco.annToMask(ann).astype(bool)
+            mask = _mask(coco, ann, img, instances)
             if not mask.any():
                 dropped["empty_mask"] += 1
                 continue

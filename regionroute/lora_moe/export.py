@@ -21,7 +21,9 @@ Used by the ``train`` stage (checkpoint + export) and by ``infer`` (reload).
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +97,7 @@ def export_experts(
     if moe.merged is not None:
         raise UserError(f"expert {moe.merged!r} is merged into the base weights; unmerge() before exporting")
     directory = Path(directory)
-    metadata = expert_adapter_metadata(moe, fold_scale=fold_scale)
+    save = _one_key_saver(expert_adapter_metadata(moe, fold_scale=fold_scale))
     paths = {}
     for expert in moe.experts:
         path = directory / f"{expert}.safetensors"
@@ -104,10 +106,27 @@ def export_experts(
                 save_directory=tmp.parent,
                 transformer_lora_layers=expert_lora_state_dict(moe, expert, fold_scale=fold_scale, dtype=dtype),
                 weight_name=tmp.name,
-                transformer_lora_adapter_metadata=dict(metadata),
+                save_function=save,
             )
         paths[expert] = path
     return paths
+
+
+def _one_key_saver(metadata: dict[str, Any]) -> Callable[[dict[str, torch.Tensor], str], None]:
+    """``save_lora_weights``' writer with the adapter metadata as the header's only ``__metadata__`` key.
+
+    safetensors writes ``__metadata__`` from a Rust ``HashMap``: two keys (diffusers' own writer
+    adds ``"format": "pt"``) come out in a per-process random order and identical experts in
+    different bytes. diffusers' loader reads ``lora_adapter_metadata`` alone, packed as its
+    writer packs it (``transformer.<key>``, sorted JSON).
+    """
+    from diffusers import FluxKontextPipeline
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, _pack_dict_with_prefix
+    from safetensors.torch import save_file
+
+    packed = _pack_dict_with_prefix(metadata, FluxKontextPipeline.transformer_name)
+    header = {LORA_ADAPTER_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
+    return lambda weights, filename: save_file(weights, filename, metadata=header)
 
 
 def save_moe(moe: LoraMoE, directory: str | os.PathLike[str]) -> Path:

