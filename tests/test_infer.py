@@ -47,18 +47,22 @@ def eval_records(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A 'trained' model: experts with nonzero B (so regionroute differs from kontext)."""
+    return _trained(tmp_path_factory.mktemp("model"), TINY, text_length=32)
+
+
+def _trained(out: Path, models: ModelsConfig, text_length: int) -> Path:
+    """Experts with random nonzero B on ``models.kontext``, saved as the train stage exports them."""
     import torch
 
-    out = tmp_path_factory.mktemp("model")
-    pipe = load_kontext(TINY)
-    moe = inject_lora_moe(pipe.transformer, LoraConfig(), STYLES)
+    moe = inject_lora_moe(load_kontext(models).transformer, LoraConfig(), STYLES)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in moe.trainable_parameters():
             p.add_(torch.randn_like(p) * 0.5)
     save_moe(moe, out / "moe")
-    write_json(out / "regionroute.json", {"base_model": "tiny", "styles": list(STYLES),
-                                          "train": {"max_sequence_length": 32}, "latent_hw": [16, 16]})  # fmt: skip
+    config = {"base_model": models.kontext, "styles": list(STYLES), "train": {"max_sequence_length": text_length},
+              "latent_hw": [16, 16]}  # fmt: skip
+    write_json(out / "regionroute.json", config)
     return out
 
 
@@ -134,18 +138,9 @@ def test_edit_returns_the_inputs_size_from_a_smaller_working_resolution(model_di
 
 
 def test_edit_with_the_toy_world_says_once_that_photographs_are_out_of_its_reach(tmp_path, capsys):
-    import torch
-
     from regionroute.edit import TOY_NOTE
 
-    model = tmp_path / "toy_model"
-    moe = inject_lora_moe(load_kontext(ModelsConfig(kontext="toy", device="cpu")).transformer, LoraConfig(), STYLES)
-    with torch.no_grad():
-        for p in moe.trainable_parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    save_moe(moe, model / "moe")
-    write_json(model / "regionroute.json", {"base_model": "toy", "styles": list(STYLES),
-                                            "train": {"max_sequence_length": 16}, "latent_hw": [16, 16]})  # fmt: skip
+    model = _trained(tmp_path / "toy_model", ModelsConfig(kontext="toy", device="cpu"), text_length=16)
     image = tmp_path / "photo.png"  # a photograph's 4:3 aspect, above the toy world's 64 x 64 area
     write_image(image, np.random.default_rng(2).integers(0, 255, (75, 100, 3), dtype=np.uint8))
     lines = _edit(image, model, tmp_path / "out.png", capsys)
