@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
         "--max-area",
         type=int,
         default=None,
-        help="resize larger inputs to at most this many pixels (default: the training area)",
+        help="edit at most this many pixels (default: the training area); the output is resized back to the "
+        "input's size",
     )
     edit.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     edit.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -107,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             dtype=args.dtype,
             max_sequence_length=args.max_sequence_length,
+            log=print,
         )
-        print(f"wrote {out}")
+        (w, h), (ww, wh) = out.size, out.working_size
+        back = "" if out.size == out.working_size else " and resized back"
+        print(f"wrote {out.path}: {w}x{h}, edited at {ww}x{wh} (the model's working resolution){back}")
     elif args.command in ("ablations", "replicates"):
         from regionroute.experiments import write_ablations, write_replicates
 

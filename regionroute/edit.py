@@ -1,16 +1,16 @@
 """``regionroute edit``: apply a trained RegionRoute model to a user's own image.
 
-The base pipeline is the model reference saved in the model directory's
-``regionroute.json`` (hub id, local path or ``tiny``); the experts come from its ``moe/``.
-Large inputs are resized (aspect kept, sides multiples of 16, a multiple of every token size
-here) to at most ``max_area`` pixels, by default the training resolution's area; inputs are
-never upscaled (a side under 16 pixels is refused). The EXIF orientation is applied.
+The base pipeline is the reference in the model directory's ``regionroute.json``, named with a
+note when it is the toy world; the experts come from its ``moe/``. The edit runs at a working
+resolution (aspect kept, sides multiples of 16, at most ``max_area`` pixels, by default the training
+area; never upscaled: a side under 16 pixels is refused) and the output is resized back to the
+input's size. The EXIF orientation is applied.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,13 +20,31 @@ from PIL import Image
 from regionroute.config import InferConfig, ModelsConfig
 from regionroute.errors import UserError
 from regionroute.files import check_writable, image_format, read_image, write_image
-from regionroute.models import resolve_device
+from regionroute.models import TOY, resolve_device
 
-__all__ = ["SIDE", "edit_image", "fit_to_area"]
-
+__all__ = ["SIDE", "TOY_NOTE", "Edited", "edit_image", "fit_to_area", "model_lines"]
 
 #: Sides are multiples of this (a multiple of every token size here); the smallest side edited.
 SIDE = 16
+TOY_NOTE = (
+    "note: 'toy' is the toy world's 64 px miniature, trained on procedural scenes: its results on photographs "
+    "are not meaningful; for real images use a model trained with the paper configuration (configs/paper.yaml)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Edited:
+    """What :func:`edit_image` wrote: the output (the input's size) and the size the model edited at."""
+
+    path: Path
+    size: tuple[int, int]  # (W, H), the input's
+    working_size: tuple[int, int]  # (W, H)
+
+
+def model_lines(model_dir: Path, base_model: str) -> list[str]:
+    """The lines naming the model an edit uses; with :data:`TOY_NOTE` when its base is the toy world."""
+    lines = [f"model: {model_dir} (experts on the base model {base_model!r}, from its regionroute.json)"]
+    return [*lines, TOY_NOTE] if base_model == TOY else lines
 
 
 def fit_to_area(image: np.ndarray, max_area: int) -> np.ndarray:
@@ -39,9 +57,14 @@ def fit_to_area(image: np.ndarray, max_area: int) -> np.ndarray:
     nh, nw = int(h * scale) // SIDE * SIDE, int(w * scale) // SIDE * SIDE
     if min(nh, nw) < SIDE:
         raise UserError(f"--max-area: {max_area} pixels leave a {w}x{h} image under {SIDE} pixels on a side")
-    if (nh, nw) == (h, w):
+    return _resize(image, nh, nw)
+
+
+def _resize(image: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3), Lanczos; the same array when the size is already (h, w)."""
+    if image.shape[:2] == (h, w):
         return image
-    return np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.LANCZOS))
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.LANCZOS))
 
 
 def edit_image(
@@ -57,8 +80,10 @@ def edit_image(
     device: str = "auto",
     dtype: str = "float32",
     max_sequence_length: int | None = None,
-) -> Path:
-    """Edit one image; writes ``out_path`` (and the attention figure if asked). Returns ``out_path``.
+    log: Callable[[str], None] | None = None,
+) -> Edited:
+    """Edit one image; writes ``out_path`` at the input's size (and the attention figure, at the working size,
+    if asked). ``log`` receives :func:`model_lines` before the model loads.
 
     The T5 text length is the one the experts were trained with (``regionroute.json``)
     unless ``max_sequence_length`` overrides it; the experts' routing is the trained one
@@ -91,13 +116,15 @@ def edit_image(
     h, w = image.shape[:2]
     if min(h, w) < SIDE:  # upscaling would invent the pixels being edited
         raise UserError(f"{image_path}: {w}x{h} pixels, smaller than the {SIDE}x{SIDE} the model edits")
+    for line in model_lines(model_dir, config["base_model"]) if log is not None else []:
+        log(line)
     with _as_flags(model_dir):
         resolve_device(device)
         pipe = load_kontext(ModelsConfig(kontext=config["base_model"], dtype=dtype, device=device))
     if max_area is None:  # the training images' area: latent size x the VAE's factor
         lh, lw = config.get("latent_hw", [64, 64])
         max_area = lh * lw * pipe.vae_scale_factor**2
-    image = fit_to_area(image, max_area)
+    working = fit_to_area(image, max_area)
     base = InferConfig()
     n_steps = steps or base.steps
     cfg = dataclasses.replace(
@@ -112,11 +139,12 @@ def edit_image(
     except UserError as exc:
         raise UserError(f"--object: cannot place {obj!r} in the instruction's T5 tokens ({exc})") from None
     editor = Editor(pipe, cfg, moe=load_moe(pipe.transformer, model_dir / "moe"), merge=True)
-    outs, maps = editor.edit([image], [obj], style, [seed], steps=cfg.steps)
-    write_image(out_path, outs[0])
+    outs, maps = editor.edit([working], [obj], style, [seed], steps=cfg.steps)
+    wh, ww = working.shape[:2]
+    write_image(out_path, _resize(outs[0], h, w))
     if attention_png is not None and maps is not None:
         save_attention_figure(Path(attention_png), outs[0], maps[0], cfg.attention_steps, title=instruction)
-    return Path(out_path)
+    return Edited(Path(out_path), (w, h), (ww, wh))
 
 
 @contextmanager

@@ -143,7 +143,7 @@ class Objective:
         return {"idx": idx[mine], "noise": noise[mine], "sigma": sigma[mine]}
 
     def __call__(self, draw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from regionroute.flux.flow import flow_loss, noisy, transformer_inputs
+        from regionroute.flux.flow import flow_loss, noisy, quiet_rms_norm_notice, transformer_inputs
         from regionroute.losses import attention_losses
         from regionroute.metrics.attention import attention_mass_inside
 
@@ -160,11 +160,12 @@ class Objective:
         if self.supervise:
             with self.recorder.capture(
                 style_mask=c.style_mask[idx].to(dev), n_text=c.prompt_embeds.shape[1], n_target=n
-            ):
+            ), quiet_rms_norm_notice():  # fmt: skip
                 pred = self.model(**route, **kwargs)[0][:, :n]
             maps = self.recorder.maps()  # (B, N) float32
         else:
-            pred = self.model(**route, **kwargs)[0][:, :n]
+            with quiet_rms_norm_notice():
+                pred = self.model(**route, **kwargs)[0][:, :n]
         weight = self.schedule.loss_weight(sigma.view(-1, 1, 1))
         if self.loss_cfg.object_weight != 1.0:  # not the paper's: the object's latent values count more
             if c.object_elements.shape[1:] != x0.shape[1:]:

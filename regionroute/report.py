@@ -1,8 +1,9 @@
-"""Stage ``report``: ``results.md``, its figures and ``metrics/targets.json`` from the score stage's tables.
+"""Stage ``report``: ``results.md``, its figures, ``methods.csv`` and ``metrics/targets.json`` from the score tables.
 
 Every cell is computed from ``data/scores/per_sample.csv`` (means with paired bootstrap
 intervals over images, :mod:`regionroute.targets`) and ``by_size.csv``; figures come from
-:mod:`regionroute.figures`. Same inputs, same bytes. docs/method.md §7.
+:mod:`regionroute.figures`; ``methods.csv`` (each target's metric per method) feeds the bar
+charts of ``dvc plots show`` (dvc.yaml ``plots:``). Same inputs, same bytes. docs/method.md §7.
 """
 
 from __future__ import annotations
@@ -17,7 +18,17 @@ import pandas as pd
 from regionroute.figures import LABELS, ordered
 from regionroute.files import atomic_path, read_jsonl, write_json
 
-__all__ = ["README_BEGIN", "README_END", "TINY_NOTE", "TOY_NOTE", "markdown_table", "world_of", "write_report"]
+__all__ = [
+    "METHODS_CSV",
+    "README_BEGIN",
+    "README_END",
+    "TINY_NOTE",
+    "TOY_NOTE",
+    "markdown_table",
+    "method_means",
+    "world_of",
+    "write_report",
+]
 
 TOY_NOTE = (
     "> **Toy world.** A miniature FLUX.1-Kontext (the real diffusers classes, 7 M parameters, 64 px, 8 x 8 tokens) "
@@ -33,6 +44,7 @@ TINY_NOTE = (
     "tiny synthetic dataset: they exercise the pipeline's mechanics and say nothing about the method."
 )
 README_BEGIN, README_END = "<!-- results:begin (written by the report stage) -->", "<!-- results:end -->"
+METHODS_CSV = "methods.csv"  # in the report directory; dvc.yaml's bar charts read it
 
 # column -> (header, format); arrows say which direction is better
 COLUMNS: dict[str, tuple[str, str]] = {
@@ -72,11 +84,20 @@ def markdown_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def method_means(per_sample: pd.DataFrame) -> pd.DataFrame:
+    """One row per method (the figures' order): the mean of each target's metric over its rows, NaN-skipping."""
+    from regionroute.targets import TARGETS
+
+    metrics = [m for m in dict.fromkeys(t.metric for t in TARGETS) if m in per_sample.columns]
+    means = per_sample.groupby("method")[metrics].mean()
+    return means.loc[ordered(list(means.index))]
+
+
 def targets_table(targets: dict[str, dict], per_sample: pd.DataFrame) -> str:
     """Target | RegionRoute | reference | ratio [95% CI] | bound | verdict (computed in :mod:`regionroute.targets`)."""
     from regionroute.targets import TARGETS
 
-    means = per_sample.groupby("method").mean(numeric_only=True)
+    means = method_means(per_sample)
     rows = []
     for t in TARGETS:
         got = targets.get(t.metric)
@@ -157,6 +178,8 @@ def write_report(
     records = read_jsonl(records_path)
     targets = judge_targets(per_sample, seed)
     write_json(targets_path, targets)
+    with atomic_path(out_dir / METHODS_CSV) as tmp:
+        method_means(per_sample).to_csv(tmp, float_format="%.6g")
     fig_dir = out_dir / "figures"
     if fig_dir.exists():
         shutil.rmtree(fig_dir)

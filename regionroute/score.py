@@ -14,8 +14,8 @@ docs/method.md §7. For each method's ``infer`` output and every eval pair x sty
 * ``size``: COCO's small / medium / large bucket of the object's original area.
 
 Models are built once for the whole stage; images are scored in batches. Writes a
-per-sample table (CSV, for pandas), a size-stratified table, and the per-method means
-as a JSON metrics file for ``dvc metrics show`` / ``dvc metrics diff``.
+per-sample table (CSV, for pandas: every column), a size-stratified table, and the per-method
+means of :data:`SUMMARY_COLUMNS` as the JSON metrics file of ``dvc metrics show`` / ``diff``.
 
 Data-parallel (:mod:`regionroute.distributed`): under ``accelerate launch`` the
 (method, pair) rows are split in contiguous slices over the processes, each scores its
@@ -42,10 +42,14 @@ from regionroute.metrics.attention import ATTENTION_COLUMNS
 from regionroute.metrics.rses import RSES_COLUMNS
 from regionroute.metrics.vlm import QUESTION_COLUMNS
 
-__all__ = ["METRIC_COLUMNS", "score_methods", "summarize", "write_scores"]
+__all__ = ["METRIC_COLUMNS", "SUMMARY_COLUMNS", "score_methods", "summarize", "write_scores"]
 
 #: Every per-method metric: RSES components, the VLM judge's four questions, attention localization.
 METRIC_COLUMNS: tuple[str, ...] = (*RSES_COLUMNS, *QUESTION_COLUMNS, *ATTENTION_COLUMNS)
+#: The metrics file's per-method means: the figures a user compares (every target's metric among them). PSNR/SSIM,
+#: the spatial-map and PIE-Bench variants and the attention IoU stay in the per-sample table and results.md.
+SUMMARY_COLUMNS: tuple[str, ...] = ("rsm_text", "rsm_image", "mse_fg", "lpips_bg", "mse_bg", *QUESTION_COLUMNS,
+                                    "attn_mass_in")  # fmt: skip
 
 
 def _attention(manifest_dir: Path, rows: list[dict[str, Any]], masks: list[np.ndarray]) -> pd.DataFrame:
@@ -130,10 +134,11 @@ def score_methods(
 
 
 def summarize(df: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """Per-method means (NaN-skipping; a metric with no value for a method is left out) and counts."""
+    """Per-method means of :data:`SUMMARY_COLUMNS` (NaN-skipping; a metric with no value for a method is left out)
+    and counts."""
     out: dict[str, dict[str, float]] = {}
     for method, group in df.groupby("method", sort=True):
-        means = {c: round(float(group[c].mean()), 6) for c in METRIC_COLUMNS if group[c].notna().any()}
+        means = {c: round(float(group[c].mean()), 6) for c in SUMMARY_COLUMNS if group[c].notna().any()}
         out[str(method)] = {"n": len(group), **means}
     return out
 

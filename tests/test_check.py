@@ -277,7 +277,7 @@ def test_adamw8bit_needs_bitsandbytes_and_cuda(tmp_path, monkeypatch):
 def test_invalid_params_is_one_line(tmp_path, capsys):
     params = write_params(tmp_path, lora={"rank": 0})
     report = check(params)
-    assert [f.line() for f in report.findings] == [f"error: {params}: lora.rank: must be an integer >= 1, got 0"]
+    assert [f.line() for f in report.findings] == [f"error: {params}: lora.rank: must be >= 1, got 0"]
     assert main(["check", "--params", str(params)]) == 1
     assert "lora.rank" in capsys.readouterr().out
 

@@ -47,18 +47,22 @@ def eval_records(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A 'trained' model: experts with nonzero B (so regionroute differs from kontext)."""
+    return _trained(tmp_path_factory.mktemp("model"), TINY, text_length=32)
+
+
+def _trained(out: Path, models: ModelsConfig, text_length: int) -> Path:
+    """Experts with random nonzero B on ``models.kontext``, saved as the train stage exports them."""
     import torch
 
-    out = tmp_path_factory.mktemp("model")
-    pipe = load_kontext(TINY)
-    moe = inject_lora_moe(pipe.transformer, LoraConfig(), STYLES)
+    moe = inject_lora_moe(load_kontext(models).transformer, LoraConfig(), STYLES)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in moe.trainable_parameters():
             p.add_(torch.randn_like(p) * 0.5)
     save_moe(moe, out / "moe")
-    write_json(out / "regionroute.json", {"base_model": "tiny", "styles": list(STYLES),
-                                          "train": {"max_sequence_length": 32}, "latent_hw": [16, 16]})  # fmt: skip
+    config = {"base_model": models.kontext, "styles": list(STYLES), "train": {"max_sequence_length": text_length},
+              "latent_hw": [16, 16]}  # fmt: skip
+    write_json(out / "regionroute.json", config)
     return out
 
 
@@ -118,14 +122,47 @@ def test_merged_and_routed_experts_give_the_same_edit(eval_records, model_dir):
     np.testing.assert_allclose(m_maps, r_maps, rtol=1e-3, atol=1e-5)
 
 
+def _edit(image: Path, model: Path, out: Path, capsys, *extra: str) -> list[str]:
+    """Run ``regionroute edit``; return its stdout lines."""
+    argv = ["edit", str(image), "--object", "dog", "--style", "pixel-art", "--model", str(model), "--out", str(out),
+            "--steps", "2", *extra]  # fmt: skip
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out.splitlines()
+
+
 def test_edit_command_end_to_end(model_dir, eval_records, tmp_path, capsys):
-    image = eval_records.parent / "o0.png"
     out = tmp_path / "out.png"
-    argv = ["edit", str(image), "--object", "dog", "--style", "pixel-art", "--model", str(model_dir), "--out",
-            str(out), "--steps", "3", "--attention-png", str(tmp_path / "att.png")]  # fmt: skip
-    code, err = run_stage(cli.main, argv, capsys)
-    assert code == 0, err
-    assert read_image(out).shape == (128, 128, 3) and (tmp_path / "att.png").is_file()
+    lines = _edit(eval_records.parent / "o0.png", model_dir, out, capsys, "--attention-png", str(tmp_path / "a.png"))
+    assert read_image(out).shape == (128, 128, 3) and (tmp_path / "a.png").is_file()
+    assert lines == [
+        f"model: {model_dir} (experts on the base model 'tiny', from its regionroute.json)",  # no toy note
+        f"wrote {out}: 128x128, edited at 128x128 (the model's working resolution)",
+    ]
+
+
+def test_edit_returns_the_inputs_size_from_a_smaller_working_resolution(model_dir, tmp_path, capsys):
+    """200 x 150 is above the training area (128 x 128): edited at 144 x 96 (sides multiples of 16), resized back."""
+    image = tmp_path / "wide.png"
+    write_image(image, np.random.default_rng(1).integers(0, 255, (150, 200, 3), dtype=np.uint8))
+    lines = _edit(image, model_dir, tmp_path / "out.png", capsys)
+    assert read_image(tmp_path / "out.png").shape == (150, 200, 3)
+    wrote = f"wrote {tmp_path / 'out.png'}: 200x150, edited at 144x96 (the model's working resolution) and resized back"
+    assert lines[-1] == wrote
+
+
+def test_edit_with_the_toy_world_says_once_that_photographs_are_out_of_its_reach(tmp_path, capsys):
+    from regionroute.edit import TOY_NOTE
+
+    model = _trained(tmp_path / "toy_model", ModelsConfig(kontext="toy", device="cpu"), text_length=16)
+    image = tmp_path / "photo.png"  # a photograph's 4:3 aspect, above the toy world's 64 x 64 area
+    write_image(image, np.random.default_rng(2).integers(0, 255, (75, 100, 3), dtype=np.uint8))
+    lines = _edit(image, model, tmp_path / "out.png", capsys)
+    assert lines[0] == f"model: {model} (experts on the base model 'toy', from its regionroute.json)"
+    assert [line for line in lines if "toy world" in line] == [TOY_NOTE]
+    assert "photographs are not meaningful" in TOY_NOTE and "configs/paper.yaml" in TOY_NOTE
+    assert "edited at 64x48" in lines[-1] and read_image(tmp_path / "out.png").shape == (75, 100, 3)
 
 
 def test_edit_applies_the_exif_orientation_of_a_photo(model_dir, tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,23 @@ def test_toy_reference_names_the_missing_directory(monkeypatch, tmp_path):
     (tmp_path / "toy" / "models" / "kontext").mkdir(parents=True)
     assert models.resolve_reference("toy", "kontext", lambda p: None, "1") == str(tmp_path / "toy/models/kontext")
     torch.manual_seed(0)
+
+
+def test_loading_the_committed_toy_base_logs_no_library_warning():
+    """diffusers checks each component's type on load: the toy latent must be the AutoencoderKL the pipeline
+    declares, or every load warns "Expected types for vae: ..., got PixelShuffleVAE"."""
+    from regionroute.models.kontext import load_kontext
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        pipe = load_kontext(ModelsConfig(kontext="toy", dtype="float32", device="cpu"))
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert type(pipe.vae).__name__ == "PixelShuffleVAE"
+    assert [r.getMessage() for r in records] == []

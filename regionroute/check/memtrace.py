@@ -111,9 +111,19 @@ class _CudaFloat32Policy(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def cuda_autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """CPU autocast to ``dtype`` (``None``: none); with :func:`cuda_float32_policy` around it, CUDA's policy."""
-    return contextlib.nullcontext() if dtype is None else torch.autocast("cpu", dtype=dtype)
+@contextlib.contextmanager
+def cuda_autocast(dtype: torch.dtype | None) -> Iterator[None]:
+    """CPU autocast to ``dtype`` (``None``: none); with :func:`cuda_float32_policy` around it, CUDA's policy.
+
+    Torch's RMSNorm notice under autocast is dropped, as in training (``quiet_rms_norm_notice``).
+    """
+    from regionroute.flux.flow import quiet_rms_norm_notice
+
+    if dtype is None:
+        yield
+        return
+    with quiet_rms_norm_notice(), torch.autocast("cpu", dtype=dtype):
+        yield
 
 
 def cuda_float32_policy() -> contextlib.AbstractContextManager:

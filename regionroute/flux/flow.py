@@ -7,11 +7,14 @@ set to 1 (as the pipeline does). Shared by the ``train`` stage and the toy base'
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-__all__ = ["FlowSchedule", "flow_loss", "kontext_image_ids", "noisy", "transformer_inputs"]
+__all__ = ["FlowSchedule", "flow_loss", "kontext_image_ids", "noisy", "quiet_rms_norm_notice", "transformer_inputs"]
 
 
 def kontext_image_ids(latent_hw: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -99,3 +102,13 @@ def transformer_inputs(
 def flow_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Weighted MSE to the flow target ``noise - x0``; ``pred`` is the first N image tokens."""
     return (weight * (pred.float() - (noise - x0).float()) ** 2).mean()
+
+
+@contextmanager
+def quiet_rms_norm_notice() -> Iterator[None]:
+    """Around a bf16-autocast forward: drop torch's notice that the attention's RMSNorm (bf16 input, float32 weight,
+    as autocast leaves it) "cannot dispatch to fused implementation"; the unfused kernel computes the same norm.
+    Only that message is ignored."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight", category=UserWarning)
+        yield

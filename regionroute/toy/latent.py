@@ -17,7 +17,9 @@ The class follows the parts of ``AutoencoderKL``'s interface that the pipeline a
 training code use: ``config.block_out_channels`` (its length sets ``vae_scale_factor =
 2 ** (len - 1)`` = ``factor``), ``config.latent_channels``, ``config.scaling_factor``,
 ``config.shift_factor``, ``encode(x).latent_dist.mode()`` / ``.sample()``,
-``decode(z, return_dict=False)[0]``. It is a ``ModelMixin``/``ConfigMixin``, saved by
+``decode(z, return_dict=False)[0]``. It subclasses ``AutoencoderKL`` (the type
+``FluxKontextPipeline`` declares for its ``vae``, which diffusers checks on every load) without
+running its ``__init__``: no encoder/decoder layers, only ``ModelMixin``'s setup. It is saved by
 ``save_pretrained`` under this module's path in ``model_index.json``; loading a pipeline
 that names it imports this module first (:func:`regionroute.models.kontext.load_kontext`
 does), as diffusers resolves components outside its own libraries from ``sys.modules``.
@@ -29,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import ModelMixin  # diffusers' loader looks the base class up in this module's namespace
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers import AutoencoderKL, ModelMixin  # diffusers' loader looks the base class up in this namespace
+from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 
 __all__ = ["PixelShuffleLatent", "PixelShuffleVAE"]
@@ -54,10 +56,10 @@ class _EncoderOutput:
     latent_dist: PixelShuffleLatent
 
 
-class PixelShuffleVAE(ModelMixin, ConfigMixin):
+class PixelShuffleVAE(AutoencoderKL):
     """Pixel (un)shuffle as a VAE: ``factor`` = 2 ** (len(block_out_channels) - 1)."""
 
-    config_name = "config.json"
+    _supports_gradient_checkpointing = False  # no layers to checkpoint
 
     @register_to_config
     def __init__(
@@ -68,7 +70,7 @@ class PixelShuffleVAE(ModelMixin, ConfigMixin):
         scaling_factor: float = 2.0,
         shift_factor: float = 0.0,
     ) -> None:
-        super().__init__()
+        ModelMixin.__init__(self)  # not AutoencoderKL's: it would build the conv encoder and decoder
         factor = 2 ** (len(block_out_channels) - 1)
         if latent_channels != in_channels * factor * factor:
             raise ValueError(f"latent_channels must be in_channels * factor^2 = {in_channels * factor**2}")

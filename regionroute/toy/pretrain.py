@@ -163,7 +163,14 @@ def pretrain(
     from diffusers.optimization import get_scheduler
     from safetensors.torch import load_file
 
-    from regionroute.flux.flow import FlowSchedule, flow_loss, kontext_image_ids, noisy, transformer_inputs
+    from regionroute.flux.flow import (
+        FlowSchedule,
+        flow_loss,
+        kontext_image_ids,
+        noisy,
+        quiet_rms_norm_notice,
+        transformer_inputs,
+    )
     from regionroute.live import trim_live_logs
     from regionroute.toy.filters import STYLES
     from regionroute.toy.scenes import CATEGORIES, COLOURS
@@ -213,7 +220,7 @@ def pretrain(
         kwargs = transformer_inputs(
             noisy(x0, noise, sigma), context, sigma, embeds, pooled, img_ids, guidance, torch.float32
         )
-        with autocast:
+        with autocast, quiet_rms_norm_notice():
             pred = transformer(**kwargs)[0][:, : x0.shape[1]]
         per = ((pred.float() - (noise - x0)) ** 2).mean(dim=(1, 2))  # (B,) for the per-task logs
         loss = flow_loss(pred, x0, noise, schedule.loss_weight(sigma.view(-1, 1, 1)))
@@ -228,7 +235,7 @@ def pretrain(
         for t, name in enumerate(_TASKS):
             sel = batch["tasks"] == t
             if bool(sel.any()):
-                sums[name] = sums.get(name, 0.0) + float(per[sel].mean())
+                sums[name] = sums.get(name, 0.0) + float(per[sel].mean().detach())
                 sums[name + "_n"] = sums.get(name + "_n", 0.0) + 1
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
