@@ -79,3 +79,17 @@ def test_the_trace_sees_lazy_imports_and_skips_type_checking_ones(tmp_path):
     assert ROOT / "regionroute" / "objective.py" in imported_files(ROOT / "regionroute" / "train.py")  # top level
     lazy = imported_files(ROOT / "stages" / "train.py")  # `from regionroute.train import train` inside main()
     assert ROOT / "regionroute" / "train.py" in lazy and ROOT / "regionroute" / "__init__.py" in lazy
+
+
+def test_the_library_imports_form_no_circle():
+    """Module-to-module imports (lazy ones included; packages' ``__init__`` re-exports aside) are a DAG."""
+    import networkx as nx
+
+    graph = nx.DiGraph()
+    for path in (ROOT / "regionroute").rglob("*.py"):
+        for name in _imports(path):
+            target = _module_file(name)
+            if target is not None and target != path and target.name != "__init__.py":
+                graph.add_edge(path.relative_to(ROOT).as_posix(), target.relative_to(ROOT).as_posix())
+    assert graph.number_of_edges() > 100
+    assert list(nx.simple_cycles(graph)) == []
