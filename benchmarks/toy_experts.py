@@ -110,7 +110,7 @@ def _judge(scorer: Any, data: Path, styles: tuple[str, ...]) -> None:
     plain = scorer.clip.encode_text(scorer.tokenizer(["plain"]), normalize=True)[0].float()
     table = torch.stack([*texts, plain])  # (5, D)
     root = data / "pseudo_gt" / "eval"
-    rows = read_jsonl(root / "records.jsonl")
+    rows = read_jsonl(root / "manifest.jsonl")
     for method in ("base", "regionroute", "oracle"):
         for style in styles:
             mine = [r for r in rows if r["style"] == style]
@@ -128,7 +128,7 @@ def _erosion(scorer: Any, data: Path, steps: tuple[int, ...] = (0, 1, 2, 3)) -> 
     from scipy.ndimage import distance_transform_edt
 
     root = data / "pseudo_gt" / "eval"
-    rows = read_jsonl(root / "records.jsonl")
+    rows = read_jsonl(root / "manifest.jsonl")
     masks = [read_mask(root / r["mask"]) for r in rows]
     for px in steps:
         eroded = [distance_transform_edt(m) > px for m in masks]  # farther than px from the background
@@ -149,7 +149,7 @@ def _stylize_setup(data: Path, params: Path, style: str, pairs: int, ref_styles:
 
     st = load_section(params, "stylize", StylizeConfig)  # the stylize stage's own settings and seeds
     root = data / "pseudo_gt" / "eval"
-    rows = [r for r in read_jsonl(root / "records.jsonl") if r["style"] == style][:pairs]
+    rows = [r for r in read_jsonl(root / "manifest.jsonl") if r["style"] == style][:pairs]
     images = [read_image(root / r["original"]) for r in rows]
     seeds = [st.seed + int(r["image_id"]) for r in rows]
     refs = {s: [read_image(data / "stylized" / s / "eval" / "images" / f"{r['sample_id']}.png") for r in rows]
@@ -211,7 +211,7 @@ def _fit_rows(data: Path, styles: tuple[str, ...], pairs: int) -> dict[tuple[str
     """The first ``pairs`` rows of each style in each split: (split, style) -> rows."""
     out = {}
     for split in ("train", "eval"):
-        rows = read_jsonl(data / "pseudo_gt" / split / "records.jsonl")
+        rows = read_jsonl(data / "pseudo_gt" / split / "manifest.jsonl")
         out.update({(split, s): [r for r in rows if r["style"] == s][:pairs] for s in styles})
     return out
 
@@ -261,7 +261,7 @@ def main() -> None:
         )
     if "swap" in args.only:
         root = args.data / "pseudo_gt" / "eval"
-        rows = read_jsonl(root / "records.jsonl")
+        rows = read_jsonl(root / "manifest.jsonl")
         for style in styles:
             mine = [r for r in rows if r["style"] == style][: args.pairs]
             for expert in styles:

@@ -3,7 +3,7 @@
 :func:`composite_pair` uses ``cv2.seamlessClone`` on reflect-padded images (masks at the border
 work), restores every pixel outside the mask exactly, and falls back to a feathered alpha
 composite when OpenCV fails; the method used is recorded per sample. :func:`composite_splits`
-writes ``<out>/<split>/images/`` and ``records.jsonl`` (:class:`TrainingRecord`).
+writes ``<out>/<split>/images/`` and ``manifest.jsonl`` (:class:`TrainingRecord`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ Method = Literal["seamless", "alpha", "alpha_fallback", "empty"]
 
 @dataclass(frozen=True)
 class TrainingRecord:
-    """One line of ``records.jsonl``: one image x style. Paths are relative to the file's directory."""
+    """One line of ``manifest.jsonl``: one image x style. Paths are relative to the file's directory."""
 
     id: str  # "<sample id>_<style>"
     sample_id: str
@@ -139,7 +139,7 @@ def composite_splits(
                             area_frac=float(row["area_frac"]),
                         )
                     )
-            write_jsonl(tmp / split / "records.jsonl", (asdict(r) for r in records))
+            write_jsonl(tmp / split / "manifest.jsonl", (asdict(r) for r in records))
     return used
 
 

@@ -203,17 +203,17 @@ class Objective:
         return q + (self.mean_over_ranks(q.detach()) - q).detach()
 
 
-def probe_attention(step_fn: Objective, n: int = 8, seed: int = 1234) -> dict[str, float]:
+def probe_attention(objective: Objective, n: int = 8, seed: int = 1234) -> dict[str, float]:
     """Attention terms on a FIXED set of samples, noise and sigmas (no grad): comparable over training."""
-    if not step_fn.supervise:
+    if not objective.supervise:
         return {}
     gen = torch.Generator().manual_seed(seed)
-    n = min(n, step_fn.cache.n_records)
+    n = min(n, objective.cache.n_records)
     draw = {
         "idx": torch.arange(n),
-        "noise": torch.randn(step_fn.cache.x0[:n].shape, generator=gen),
+        "noise": torch.randn(objective.cache.x0[:n].shape, generator=gen),
         "sigma": torch.linspace(0.3, 0.7, n),
     }
     with torch.no_grad():
-        terms = step_fn(draw)
+        terms = objective(draw)
     return {k: float(terms[k]) for k in ("focus", "cover", "mass_inside")}

@@ -13,7 +13,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--method", required=True, help="base | regionroute | oracle")
-    p.add_argument("--records", type=Path, required=True, help="composite stage records.jsonl (eval split)")
+    p.add_argument("--records", type=Path, required=True, help="composite stage manifest.jsonl (eval split)")
     p.add_argument("--model", type=Path, default=None, help="trained model directory (regionroute only)")
     p.add_argument("--out", type=Path, required=True, help="output directory for this method")
     return p

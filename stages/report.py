@@ -14,7 +14,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--per-sample", type=Path, required=True, help="per-sample scores (score stage CSV)")
     p.add_argument("--by-size", type=Path, required=True, help="size-stratified means (score stage CSV)")
-    p.add_argument("--records", type=Path, required=True, help="composite stage records.jsonl (eval split)")
+    p.add_argument("--records", type=Path, required=True, help="composite stage manifest.jsonl (eval split)")
     p.add_argument(
         "--method", nargs=2, action="append", metavar=("NAME", "DIR"), required=True,
         help="a method's infer output directory (repeat per method)",

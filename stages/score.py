@@ -12,7 +12,7 @@ from regionroute.errors import exit_on_user_error
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
-    p.add_argument("--records", type=Path, required=True, help="composite stage records.jsonl (eval split)")
+    p.add_argument("--records", type=Path, required=True, help="composite stage manifest.jsonl (eval split)")
     p.add_argument(
         "--method",
         nargs=2,

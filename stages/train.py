@@ -12,7 +12,7 @@ from regionroute.errors import exit_on_user_error
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
-    p.add_argument("--records", type=Path, required=True, help="composite stage records.jsonl (train split)")
+    p.add_argument("--records", type=Path, required=True, help="composite stage manifest.jsonl (train split)")
     p.add_argument("--out", type=Path, required=True, help="trained model directory")
     p.add_argument("--checkpoints", type=Path, required=True, help="checkpoint directory (resumed from)")
     p.add_argument("--live", type=Path, default=None, help="dvclive directory (metrics and plots)")

@@ -68,7 +68,7 @@ def test_dvc_pipeline_on_the_tiny_config_in_a_fresh_clone(tmp_path):
     stages = {"sample@train", "sample@eval", "stylize@pixel-art", "stylize@line-art", "composite", "train",
               "infer@base", "infer@regionroute", "infer@oracle", "score", "report"}  # fmt: skip
     assert _ran(log) == stages
-    assert len(read_jsonl(repo / "data" / "pseudo_gt" / "train" / "records.jsonl")) == 6 * 2
+    assert len(read_jsonl(repo / "data" / "pseudo_gt" / "train" / "manifest.jsonl")) == 6 * 2
     metrics = read_json(repo / "metrics" / "score.json")
     assert set(metrics) == {"base", "regionroute", "oracle"} and metrics["oracle"]["mse_bg"] == 0
     assert "Tiny models" in (repo / "reports" / "results" / "results.md").read_text()

@@ -128,8 +128,8 @@ def test_composite_stage_writes_records(samples, tmp_path, capsys):
     ]
     code, err = run_stage(composite.main, argv, capsys)
     assert code == 0, err
-    rows = read_jsonl(out / "train" / "records.jsonl")
-    assert len(rows) == 3 * 2 and len(read_jsonl(out / "eval" / "records.jsonl")) == 2 * 2
+    rows = read_jsonl(out / "train" / "manifest.jsonl")
+    assert len(rows) == 3 * 2 and len(read_jsonl(out / "eval" / "manifest.jsonl")) == 2 * 2
     for r in rows:
         assert r["instruction"] == f"make the {r['object']} into {r['style']} style"
         original, mask = read_image(out / "train" / r["original"]), read_mask(out / "train" / r["mask"])
