@@ -101,7 +101,7 @@ def test_the_toy_world_params_are_complete():
     from regionroute.toy.base import BaseConfig
     from regionroute.toy.evaluate import EvaluateConfig
     from regionroute.toy.judge import JudgeConfig
-    from stages.toy_scenes import ScenesConfig
+    from regionroute.toy.dataset import ScenesConfig
 
     for name, cls in (("scenes", ScenesConfig), ("base", BaseConfig), ("judge", JudgeConfig),
                       ("evaluate", EvaluateConfig)):  # fmt: skip

@@ -50,46 +50,46 @@ def _photo(tmp: Path) -> Path:
     return tmp / "photo.png"
 
 
-def edit_bomb(tmp, data, monkeypatch, params):
+def edit_bomb(tmp, dataset, monkeypatch, params):
     out = tmp / "out.png"
     bomb = _bomb(tmp / "bomb.png")
     return cli.main, _edit(tmp, bomb, out), f"{bomb}: more than {MAX_IMAGE_PIXELS} pixels", out
 
 
-def sample_bomb(tmp, data, monkeypatch, params):
-    for image in (data / "train").iterdir():
+def sample_bomb(tmp, dataset, monkeypatch, params):
+    for image in (dataset / "train").iterdir():
         _bomb(image)
     out = tmp / "samples"
-    return sample.main, sample_argv(params(), data, out), f"more than {MAX_IMAGE_PIXELS} pixels", out
+    return sample.main, sample_argv(params(), dataset, out), f"more than {MAX_IMAGE_PIXELS} pixels", out
 
 
-def edit_image_smaller_than_the_model_edits(tmp, data, monkeypatch, params):
+def edit_image_smaller_than_the_model_edits(tmp, dataset, monkeypatch, params):
     write_image(tmp / "dot.png", np.zeros((1, 1, 3), np.uint8))
     out = tmp / "out.png"
     return cli.main, _edit(tmp, tmp / "dot.png", out), f"{tmp / 'dot.png'}: 1x1 pixels, smaller than the 16x16", out
 
 
-def edit_out_without_extension(tmp, data, monkeypatch, params):
+def edit_out_without_extension(tmp, dataset, monkeypatch, params):
     out = tmp / "x"
     return cli.main, _edit(tmp, _photo(tmp), out), f"--out: {out}: not an image file name", out
 
 
-def edit_negative_max_area(tmp, data, monkeypatch, params):
+def edit_negative_max_area(tmp, dataset, monkeypatch, params):
     out = tmp / "out.png"
     return cli.main, _edit(tmp, _photo(tmp), out, "--max-area", "-5"), "--max-area: must be >= 256", out
 
 
-def edit_unwritable_folder(tmp, data, monkeypatch, params):
+def edit_unwritable_folder(tmp, dataset, monkeypatch, params):
     out = Path("/sys/regionroute-test/out.png")  # sysfs: not writable, not even by root
     return cli.main, _edit(tmp, _photo(tmp), out), f"--out: {out}: cannot write (", out
 
 
-def sample_unwritable_folder(tmp, data, monkeypatch, params):
+def sample_unwritable_folder(tmp, dataset, monkeypatch, params):
     out = Path("/sys/regionroute-test")
-    return sample.main, sample_argv(params(), data, out), f"{out}: cannot write (", out
+    return sample.main, sample_argv(params(), dataset, out), f"{out}: cannot write (", out
 
 
-def sample_full_disk(tmp, data, monkeypatch, params):
+def sample_full_disk(tmp, dataset, monkeypatch, params):
     from PIL import Image
 
     def full(self, fp, *args, **kwargs):
@@ -97,30 +97,30 @@ def sample_full_disk(tmp, data, monkeypatch, params):
 
     monkeypatch.setattr(Image.Image, "save", full)
     out = tmp / "samples"
-    return sample.main, sample_argv(params(), data, out), ".png: cannot write (No space left on device)", out
+    return sample.main, sample_argv(params(), dataset, out), ".png: cannot write (No space left on device)", out
 
 
-def coco_image_without_width(tmp, data, monkeypatch, params):
-    instances = data / "annotations" / "instances_train.json"
+def coco_image_without_width(tmp, dataset, monkeypatch, params):
+    instances = dataset / "annotations" / "instances_train.json"
     data = json.loads(instances.read_text())
     del data["images"][0]["width"]
     instances.write_text(json.dumps(data))
     out = tmp / "samples"
-    return sample.main, sample_argv(params(), data, out), f"{instances}: images[0] lacks width", out
+    return sample.main, sample_argv(params(), dataset, out), f"{instances}: images[0] lacks width", out
 
 
-def coco_malformed_rle(tmp, data, monkeypatch, params):
-    instances = data / "annotations" / "instances_train.json"
+def coco_malformed_rle(tmp, dataset, monkeypatch, params):
+    instances = dataset / "annotations" / "instances_train.json"
     data = json.loads(instances.read_text())
     sizes = {img["id"]: [img["height"], img["width"]] for img in data["images"]}
     for ann in data["annotations"]:  # counts that run past the image
         ann["segmentation"] = {"size": sizes[ann["image_id"]], "counts": [2, 10**6]}
     instances.write_text(json.dumps(data))
     out = tmp / "samples"
-    return sample.main, sample_argv(params(), data, out), "malformed RLE", out
+    return sample.main, sample_argv(params(), dataset, out), "malformed RLE", out
 
 
-def corrupted_lpips_cache(tmp, data, monkeypatch, params):
+def corrupted_lpips_cache(tmp, dataset, monkeypatch, params):
     import pickle
 
     from regionroute.models import lpips_weights as lw
@@ -133,13 +133,13 @@ def corrupted_lpips_cache(tmp, data, monkeypatch, params):
     return cli.main, ["fetch-lpips"], f"{path}: corrupted", tmp / "nothing"
 
 
-def huge_sample_resolution(tmp, data, monkeypatch, params):
+def huge_sample_resolution(tmp, dataset, monkeypatch, params):
     out = tmp / "samples"
-    argv = sample_argv(params(sample={"resolution": 1024000}), data, out)
+    argv = sample_argv(params(sample={"resolution": 1024000}), dataset, out)
     return sample.main, argv, "sample.resolution: 1024000^2 pixels is more than", out
 
 
-def edit_cuda_without_cuda(tmp, data, monkeypatch, params):
+def edit_cuda_without_cuda(tmp, dataset, monkeypatch, params):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
