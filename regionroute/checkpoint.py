@@ -1,17 +1,8 @@
-"""Training checkpoints and their dvclive logs: written atomically, resumed exactly.
+"""Training checkpoints: written atomically, resumed exactly (stage ``train``, docs/method.md §2).
 
-Used by the ``train`` stage (:mod:`regionroute.train`). A checkpoint directory
-``<ckpt>/step-<n>/`` holds the LoRA-MoE (``moe/``, safetensors), the optimizer state
-(``optimizer.pt``, loaded with ``weights_only``) and ``state.json``: the step and the
-loop's running state that the logs depend on (the partial sums of the current logging
-window, the run's counters), so that a resumed run logs exactly what the uninterrupted
-run logs. The whole ``<ckpt>`` directory is keyed on content
-(:func:`regionroute.files.prepare_resumable_dir`): a checkpoint is only resumed by a run of
-the same data, model, code and params.
-
-The dvclive logs live beside the checkpoints (``<ckpt>/dvclive``); on resume, rows
-logged after the resumed step (by the interrupted run, past its last checkpoint) are
-dropped before dvclive appends, so no step appears twice.
+``<ckpt>/step-<n>/`` holds the LoRA-MoE (safetensors), the optimizer state (``weights_only``) and
+``state.json`` (the step and the logging window's running sums, so a resumed run logs what the
+uninterrupted one logs); the directory is keyed on content (:func:`regionroute.files.prepare_resumable_dir`).
 """
 
 from __future__ import annotations

@@ -1,28 +1,9 @@
-"""Stage ``score``: RSES, the VLM judge and attention localization for every method.
+"""Stage ``score``: RSES components, the VLM judge and attention localization for every method (docs/method.md §7).
 
-docs/method.md §7. For each method's ``infer`` output and every eval pair x style:
-
-* RSES components (:class:`regionroute.metrics.rses.RSESScorer`): ``rsm_text`` (CLIP,
-  region vs ``"an image in {style} style"``), ``rsm_image`` (region vs the pseudo-GT
-  region), ``mse_fg`` (pixels vs the pseudo-GT inside the mask, model-free),
-  ``lpips_bg`` (+ ``lpips_bg_spatial``) / ``mse_bg`` / ``psnr_bg`` / ``ssim_bg`` over the dilated
-  background, and the PIE-Bench variants ``*_piebench`` (masked images averaged over all
-  pixels);
-* the VLM judge (:class:`regionroute.metrics.vlm.VLMJudge`): ``q1``..``q4`` = P(yes);
-* attention localization from the saved mean map (kontext / regionroute only):
-  ``attn_mass_in`` (share of mass inside the area-averaged mask), ``attn_iou``;
-* ``size``: COCO's small / medium / large bucket of the object's original area.
-
-Models are built once for the whole stage; images are scored in batches. Writes a
-per-sample table (CSV, for pandas: every column), a size-stratified table, and the per-method
-means of :data:`SUMMARY_COLUMNS` as the JSON metrics file of ``dvc metrics show`` / ``diff``.
-
-Data-parallel (:mod:`regionroute.distributed`): under ``accelerate launch`` the
-(method, pair) rows are split in contiguous slices over the processes, each scores its
-slice with its own models, and the per-sample frames are gathered (in row order) to every
-rank; rank 0 writes the files. A row's scores do not depend on the other rows of its
-batch (the VLM prompts are left-padded, the negative style is seeded by the sample id),
-so N processes give the per-sample scores of one, up to float noise.
+:func:`score_methods` scores each method's ``infer`` output pair by pair (models built once, batches
+of images; data-parallel over contiguous row slices, :mod:`regionroute.distributed`);
+:func:`write_scores` writes the per-sample CSV (every column), the size-stratified CSV and the
+per-method means of :data:`SUMMARY_COLUMNS` (``metrics/score.json``).
 """
 
 from __future__ import annotations

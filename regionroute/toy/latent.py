@@ -1,28 +1,9 @@
-"""The toy world's "VAE": an exactly invertible latent that FluxKontextPipeline uses as it uses a VAE.
+"""The toy world's "VAE": an exactly invertible latent that FluxKontextPipeline uses as it uses a VAE (docs/toy.md).
 
-Part of the toy Kontext base (:mod:`regionroute.toy.base`). Instead of a learned
-autoencoder (a 3-minute tiny ``AutoencoderKL`` reconstructs 64 px scenes at only ~23 dB,
-blurring line-art), the latent is a fixed rearrangement of the pixels:
-
-    encode:  x in [-1, 1], (B, 3, H, W) -> pixel_unshuffle by ``factor`` -> (B, 3 f^2, H/f, W/f)
-    decode:  pixel_shuffle, the exact inverse (a permutation of the values)
-
-then the pipeline's own ``(z - shift_factor) * scaling_factor`` and 2x2 packing. With
-``factor = 4`` a 64 px image becomes a 16 x 16 x 48 latent and 8 x 8 = 64 tokens of 192
-channels, one token per 8 x 8 pixel patch. ``scaling_factor`` is a power of two and
-``shift_factor`` 0, so ``decode(encode(x)) == x`` bit for bit (tested through
-``FluxKontextPipeline``).
-
-The class follows the parts of ``AutoencoderKL``'s interface that the pipeline and the
-training code use: ``config.block_out_channels`` (its length sets ``vae_scale_factor =
-2 ** (len - 1)`` = ``factor``), ``config.latent_channels``, ``config.scaling_factor``,
-``config.shift_factor``, ``encode(x).latent_dist.mode()`` / ``.sample()``,
-``decode(z, return_dict=False)[0]``. It subclasses ``AutoencoderKL`` (the type
-``FluxKontextPipeline`` declares for its ``vae``, which diffusers checks on every load) without
-running its ``__init__``: no encoder/decoder layers, only ``ModelMixin``'s setup. It is saved by
-``save_pretrained`` under this module's path in ``model_index.json``; loading a pipeline
-that names it imports this module first (:func:`regionroute.models.kontext.load_kontext`
-does), as diffusers resolves components outside its own libraries from ``sys.modules``.
+:class:`PixelShuffleVAE` encodes ``(B, 3, H, W)`` in [-1, 1] by ``pixel_unshuffle`` by ``factor`` (4:
+a 64 px image -> 8 x 8 tokens of 192 channels after the pipeline's 2x2 packing) and decodes with the
+exact inverse, so ``decode(encode(x)) == x`` bit for bit. It subclasses ``AutoencoderKL`` (the type the
+pipeline declares) without its layers, offering the parts of its interface the pipeline and training use.
 """
 
 from __future__ import annotations
