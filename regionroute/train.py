@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from regionroute.config import LossConfig, TrainConfig
+from regionroute.config import CompositeConfig, LossConfig, TrainConfig
 from regionroute.errors import UserError
 from regionroute.files import (
     atomic_dir,
@@ -62,6 +62,7 @@ from regionroute.objective import Objective, TrainCache, probe_attention
 
 __all__ = [
     "CODE_MODULES",
+    "EXPORT_MODULES",
     "TrainingError",
     "train",
 ]
@@ -85,6 +86,9 @@ CODE_MODULES: tuple[str, ...] = (
     "regionroute.files",
     "regionroute.config",
 )
+#: Modules that write the exported model's other files but not the experts (the model card): dvc.yaml deps of
+#: ``train`` too, but not in the resume key: a run whose last checkpoint is its final step re-exports at once.
+EXPORT_MODULES: tuple[str, ...] = ("regionroute.model_card",)
 #: train params that change neither the experts nor the logs: a run may resume across them.
 _NOT_IN_KEY = ("checkpoint_every", "keep_checkpoints")
 
@@ -118,6 +122,7 @@ def train(
     base_model: str = "",
     base_key: dict[str, str] | None = None,
     on_step: Callable[[int], None] | None = None,
+    instruction: str = CompositeConfig.instruction,
 ) -> dict[str, float]:
     """Train the experts; write the model to ``out_dir``; return the final logged values.
 
@@ -128,6 +133,8 @@ def train(
     the start and at the end of training.
 
     ``on_step(step)`` is called after each optimizer step (tests use it to simulate a kill).
+    ``instruction``: the template the training instructions were made with (``composite.instruction``),
+    stored in ``regionroute.json`` and shown in the model card (``README.md``, :mod:`regionroute.model_card`).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -138,6 +145,7 @@ def train(
     from regionroute.flux.attention import StyleAttentionRecorder
     from regionroute.lora_moe import RoutedTransformer, export_experts, inject_lora_moe, load_moe, save_moe
     from regionroute.lora_moe.export import write_model_config
+    from regionroute.model_card import write_model_card
 
     # One process may train several configurations (tests, notebooks): the precision is per run.
     # Only the accelerator settings are reset; the process group (PartialState) stays.
@@ -267,18 +275,18 @@ def train(
         with atomic_dir(out_dir) as tmp:
             save_moe(moe, tmp / "moe")
             export_experts(moe, tmp / "lora")
-            write_model_config(
-                tmp,
-                {
-                    "base_model": base_model,
-                    "styles": list(styles),
-                    "lora": asdict(lora_cfg),
-                    "loss": asdict(loss_cfg),
-                    "train": asdict(cfg),
-                    "processes": accelerator.num_processes,  # global batch = processes x train.batch_size
-                    "latent_hw": list(cache.latent_hw),
-                },
-            )
+            config = {
+                "base_model": base_model,
+                "styles": list(styles),
+                "instruction": instruction,
+                "lora": asdict(lora_cfg),
+                "loss": asdict(loss_cfg),
+                "train": asdict(cfg),
+                "processes": accelerator.num_processes,  # global batch = processes x train.batch_size
+                "latent_hw": list(cache.latent_hw),
+            }
+            write_model_config(tmp, config)
+            write_model_card(tmp, config)
         if live is not None:
             live.make_summary()
             live.end()

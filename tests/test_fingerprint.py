@@ -31,8 +31,9 @@ def _dvc_code_deps(stage: str) -> set[Path]:
 
 @pytest.mark.parametrize(("stage", "module"), [("stylize", stylize), ("train", train), ("infer", infer)])
 def test_code_keys_cover_exactly_the_stage_deps_in_dvc_yaml(stage, module):
-    """A resume key and DVC's own re-run decision look at the same code."""
-    assert {f.resolve() for f in module_files(module.CODE_MODULES)} == _dvc_code_deps(stage)
+    """A resume key and DVC's own re-run decision look at the same code (train: plus the model card's)."""
+    modules = module.CODE_MODULES + getattr(module, "EXPORT_MODULES", ())
+    assert {f.resolve() for f in module_files(modules)} == _dvc_code_deps(stage)
 
 
 def test_tree_digest_is_content_not_path(tmp_path):
