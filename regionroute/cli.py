@@ -43,7 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         help="resize larger inputs to at most this many pixels (default: the training area)",
     )
     edit.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    edit.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    edit.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="the base model's dtype (default: the one the experts were trained with, e.g. bfloat16)",
+    )
     edit.add_argument(
         "--max-sequence-length",
         type=int,

@@ -43,13 +43,14 @@ def edit_image(
     attention_png: Path | None = None,
     max_area: int | None = None,
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str | None = None,
     max_sequence_length: int | None = None,
 ) -> Path:
     """Edit one image; writes ``out_path`` (and the attention figure if asked). Returns ``out_path``.
 
-    The T5 text length is the one the experts were trained with (``regionroute.json``)
-    unless ``max_sequence_length`` overrides it; the experts' routing is the trained one
+    The T5 text length and the base model's dtype are the ones the experts were trained with
+    (``regionroute.json``; models trained before the dtype was recorded: float32) unless
+    ``max_sequence_length`` / ``dtype`` override them; the experts' routing is the trained one
     (style, or the learned gate).
     """
     from regionroute.flux.tokens import find_style_span
@@ -69,6 +70,7 @@ def edit_image(
     if not obj.strip():
         raise UserError("--object: must be a non-empty word, e.g. 'dog'")
     image = read_image(image_path)
+    dtype = dtype or config.get("dtype", "float32")
     pipe = load_kontext(ModelsConfig(kontext=config["base_model"], dtype=dtype, device=device))
     if max_area is None:  # the training images' area: latent size x the VAE's factor
         lh, lw = config.get("latent_hw", [64, 64])

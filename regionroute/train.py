@@ -277,6 +277,7 @@ def train(
             export_experts(moe, tmp / "lora")
             config = {
                 "base_model": base_model,
+                "dtype": str(transformer.dtype).removeprefix("torch."),  # what `regionroute edit` loads the base in
                 "styles": list(styles),
                 "instruction": instruction,
                 "lora": asdict(lora_cfg),
