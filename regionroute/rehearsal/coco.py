@@ -39,9 +39,11 @@ CAPTION_WORDS: dict[str, tuple[str, ...]] = {
 }
 
 #: (split, image id, width, height, grayscale, [(category name, crowd, parts), ...]); ``parts``: the
-#: number of polygons of the instance (an object cut in two by an occluder is annotated as two).
+#: number of polygons of the instance (an object cut in two by an occluder is annotated as two); 0: a
+#: degenerate zero-area polygon, as instances_train2017.json has (annotation 918 of image 200365).
+_DOG = [("dog", False, 1), ("person", True, 1), ("bench", False, 2), ("bowl", False, 0)]
 _IMAGES: tuple[tuple[str, int, int, int, bool, list[tuple[str, bool, int]]], ...] = (
-    ("train2017", 9, 640, 480, False, [("dog", False, 1), ("person", True, 1), ("bench", False, 2)]),
+    ("train2017", 9, 640, 480, False, _DOG),
     ("train2017", 25, 480, 640, False, [("giraffe", False, 2), ("bird", False, 1)]),
     ("train2017", 30, 427, 640, True, [("vase", False, 1)]),
     ("train2017", 34, 640, 427, False, [("person", True, 1)]),  # crowd only: no usable instance
@@ -91,6 +93,12 @@ def _image(rng: np.random.Generator, spec: tuple, first_ann: int) -> tuple[np.nd
     by_name = {c["name"]: c["id"] for c in COCO_CATEGORIES}
     anns = []
     for k, (name, crowd, parts) in enumerate(objects):
+        if parts == 0:  # four collinear points: COCO's {"area": 0.0, "bbox": [x, y, 1.03, 0.0]}
+            x, y = round(float(rng.uniform(0.3, 0.6) * w), 2), round(float(rng.uniform(0.3, 0.6) * h), 2)
+            poly = [x, y, x, y, round(x + 1.03, 2), y, round(x + 1.03, 2), y]
+            anns.append({"segmentation": [poly], "area": 0.0, "iscrowd": 0, "image_id": image_id,
+                         "bbox": [x, y, 1.03, 0.0], "category_id": by_name[name], "id": first_ann + k})  # fmt: skip
+            continue
         polys = _instance(rng, w, h, parts)
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         for poly in polys:

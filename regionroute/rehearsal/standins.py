@@ -23,14 +23,15 @@ def write_standins(cache: Path, seed: int = 0) -> dict[str, str]:
     from regionroute.rehearsal.judges import QWEN_REPO, clip_repo, write_clip, write_qwen
     from regionroute.rehearsal.kontext import KONTEXT_REPO, write_kontext
 
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
+    for log in (dlog, tlog):  # the stand-ins' loading bars and "cast with to()" notes
+        log.disable_progress_bar()
+        log.set_verbosity_error()
     builders = {KONTEXT_REPO: write_kontext, clip_repo()[0]: write_clip, QWEN_REPO: write_qwen}
     commits = {}
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as scratch, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "cast with to()" notes of the bf16 stand-ins
+        warnings.simplefilter("ignore")
         for repo, build in builders.items():
             files = build(Path(scratch) / repo.replace("/", "--"), seed=seed)
             commits[repo] = write_snapshot(cache, repo, files).name
