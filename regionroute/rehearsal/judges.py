@@ -1,17 +1,11 @@
 """Stand-ins for the score stage's judges, in the files their loaders ask the Hugging Face cache for.
 
-Used by :func:`regionroute.rehearsal.standins.write_standins`.
-
-* ``ViT-L-14/openai``: open_clip resolves the tag through its pretrained registry to a hub
-  repository and a file (:func:`regionroute.refs.open_clip_weights`: ``timm/vit_large_patch14_clip_224.openai``,
-  ``open_clip_model.safetensors`` first). The stand-in is that file at ViT-L/14's real size (open_clip
-  fixes the architecture by name) with seeded random weights in bf16, next to ``open_clip_config.json``.
-* ``Qwen/Qwen2.5-VL-7B-Instruct``: the repository's ``config.json`` (the flat layout it was published
-  with, :data:`regionroute.model_configs.QWEN25_VL_7B` with small sizes), ``generation_config.json``,
-  ``preprocessor_config.json`` (``min_pixels`` / ``max_pixels`` keys), ``chat_template.json``,
-  ``tokenizer.json`` / ``vocab.json`` / ``merges.txt`` / ``tokenizer_config.json`` (the tiny judge's
-  byte-level BPE, :func:`regionroute.tiny.qwen.qwen_tokenizer`), and safetensors shards under the
-  published key names (``model.layers.*``, ``visual.*``, ``lm_head``) with their index.
+Used by :func:`regionroute.rehearsal.standins.write_standins`. ``ViT-L-14/openai``: the file open_clip's
+pretrained registry names (:func:`regionroute.refs.open_clip_weights`) at ViT-L/14's real size, seeded random
+bf16 weights. ``Qwen/Qwen2.5-VL-7B-Instruct``: the published flat ``config.json``
+(:data:`regionroute.model_configs.QWEN25_VL_7B`, small sizes), generation, preprocessor (``min_pixels`` /
+``max_pixels``), chat template and tokenizer files (the tiny judge's BPE), safetensors shards under the
+published key names (``model.layers.*``, ``visual.*``) with their index.
 """
 
 from __future__ import annotations

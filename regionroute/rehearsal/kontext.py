@@ -1,13 +1,10 @@
 """Stand-in for ``black-forest-labs/FLUX.1-Kontext-dev``: the repository's layout and config keys, small sizes.
 
-Used by :func:`regionroute.rehearsal.standins.write_standins`. Every component is the real class,
-built from the real ``config.json`` (:data:`regionroute.model_configs.FLUX_KONTEXT_DEV`) with only
-its sizes made small, saved in bf16 as the repository ships it: ``transformer/`` and
-``text_encoder_2/`` sharded with a ``*.safetensors.index.json``, ``text_encoder/`` and ``vae/`` in
-one file, the real CLIP BPE vocabulary (open_clip ships it) in ``tokenizer/``, a SentencePiece T5
-tokenizer (``spiece.model`` + ``tokenizer.json``, ``<pad>``/``</s>``/``<unk>`` = 0/1/2, 100 sentinels)
-in ``tokenizer_2/``, ``scheduler/``, ``model_index.json`` and a ``README.md`` with the card's licence metadata.
-Latent channels (16), the VAE's 8x downsampling and 2x2 packing stay real: 1024 px is 4096 tokens.
+Used by :func:`regionroute.rehearsal.standins.write_standins`. The real classes from the real configs
+(:data:`regionroute.model_configs.FLUX_KONTEXT_DEV`) with only sizes changed, in bf16: ``transformer/`` and
+``text_encoder_2/`` sharded with an index, CLIP's real BPE vocabulary (open_clip ships it), a SentencePiece
+T5 tokenizer (``spiece.model`` + ``tokenizer.json``, 100 sentinels), ``scheduler/``, ``model_index.json`` and
+the card's licence metadata. Latent channels (16), the VAE's 8x and the 2x2 packing stay: 1024 px is 4096 tokens.
 """
 
 from __future__ import annotations

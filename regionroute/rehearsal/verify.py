@@ -1,14 +1,10 @@
 """The rehearsal's checks on the finished pipeline, run inside the copy: ``python -m regionroute.rehearsal.verify``.
 
-Started by :func:`regionroute.rehearsal.run.rehearse` with the stand-ins' environment (``HF_HUB_CACHE``,
-offline) in the repository copy; prints one ``PASS``/``FAIL`` line per check:
-
-* the exported experts load into the base pipeline with diffusers' ``load_lora_weights`` (every target
-  module gets the file's A/B; a forward runs with each adapter);
-* score's models are the paper's paths: open_clip's ``ViT-L-14/openai`` (QuickGELU, ViT-L/14 size, the
-  cached file) and the Qwen2.5-VL processor at ``score.vlm_max_pixels`` on 1024 px crops; one scored row,
-  recomputed here, equals the score stage's;
-* the model card and the report were written.
+Started by :func:`regionroute.rehearsal.run.rehearse` with the stand-ins' environment; one ``PASS``/``FAIL``
+line per check: the experts load with diffusers' ``load_lora_weights`` as the model card says (each target
+module gets the file's A/B); score used the paper's judge paths (open_clip's ``ViT-L-14/openai``: QuickGELU,
+ViT-L/14 size, the cached file; the Qwen2.5-VL processor at ``score.vlm_max_pixels`` on 1024 px images) and
+one of its rows, recomputed here, is equal; the model card, the recorded dtype and the report.
 """
 
 from __future__ import annotations
