@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,9 +125,10 @@ def _check_findings(repo: Path, env: dict[str, str], logs: Path) -> Check:
     except (ValueError, KeyError):
         return Check("regionroute check", False, f"exit {code}, no JSON report: {_tail(out)}")
     device_keys = {"stylize", "train", "infer", "score", "models.device", "score.device"}
-    bad = [f["line"] for f in findings if f["level"] != "ok" and f["key"] not in device_keys]
-    ok = [f for f in findings if f["level"] == "ok"]
-    detail = f"{len(ok)} ok" + (f"; {len(bad)} other: {bad[0]}" if bad else "; no model, data or setting problem")
+    bad = [f["line"] for f in findings if f["level"] == "error" and f["key"] not in device_keys]
+    levels = Counter(f["level"] for f in findings)
+    detail = ", ".join(f"{n} {level}" for level, n in sorted(levels.items()))
+    detail += f"; {len(bad)} not device/memory: {bad[0]}" if bad else "; no model, data or setting error"
     return Check("regionroute check", not bad, detail)
 
 
