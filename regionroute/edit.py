@@ -78,15 +78,16 @@ def edit_image(
     attention_png: Path | None = None,
     max_area: int | None = None,
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str | None = None,
     max_sequence_length: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Edited:
     """Edit one image; writes ``out_path`` at the input's size (and the attention figure, at the working size,
     if asked). ``log`` receives :func:`model_lines` before the model loads.
 
-    The T5 text length is the one the experts were trained with (``regionroute.json``)
-    unless ``max_sequence_length`` overrides it; the experts' routing is the trained one
+    The T5 text length and the base model's dtype are the ones the experts were trained with
+    (``regionroute.json``; models trained before the dtype was recorded: float32) unless
+    ``max_sequence_length`` / ``dtype`` override them; the experts' routing is the trained one
     (style, or the learned gate).
     """
     from regionroute.flux.tokens import find_style_span
@@ -118,6 +119,7 @@ def edit_image(
         raise UserError(f"{image_path}: {w}x{h} pixels, smaller than the {SIDE}x{SIDE} the model edits")
     for line in model_lines(model_dir, config["base_model"]) if log is not None else []:
         log(line)
+    dtype = dtype or config.get("dtype", "float32")  # the precision the experts were trained against
     with _as_flags(model_dir):
         resolve_device(device)
         pipe = load_kontext(ModelsConfig(kontext=config["base_model"], dtype=dtype, device=device))

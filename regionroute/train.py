@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from regionroute.config import LoraConfig, LossConfig, TrainConfig
+from regionroute.config import CompositeConfig, LoraConfig, LossConfig, TrainConfig
 from regionroute.errors import UserError
 from regionroute.files import (
     atomic_dir,
@@ -70,15 +70,17 @@ def train(
     base_key: dict[str, str] | None = None,
     code: str = "",
     on_step: Callable[[int], None] | None = None,
+    instruction: str = CompositeConfig.instruction,
 ) -> dict[str, float]:
     """Train the experts; write the model to ``out_dir``; return the final logged values.
 
     ``base_model`` is the reference written to ``regionroute.json`` (what ``edit`` loads);
     ``base_key`` its content key (:func:`regionroute.models.kontext.kontext_key`) and ``code``
-    the stage's code key, both part of the resume key. The summary also holds
-    ``probe_before/*`` and ``probe_after/*``: the attention terms on a fixed batch
-    (:func:`probe_attention`) at the start and the end. ``on_step(step)`` runs after each
-    optimizer step (tests simulate a kill with it).
+    the stage's code key, both part of the resume key; ``instruction`` the template the training
+    instructions were made with (``composite.instruction``), stored in ``regionroute.json`` and shown in
+    the model card. The summary also holds ``probe_before/*`` and ``probe_after/*``: the attention terms
+    on a fixed batch (:func:`probe_attention`) at the start and the end. ``on_step(step)`` runs after
+    each optimizer step (tests simulate a kill with it).
     """
     from regionroute.checkpoint import checkpoints, save_checkpoint
     from regionroute.flux.attention import StyleAttentionRecorder
@@ -135,7 +137,14 @@ def train(
     summary = log.summary(before, probe_attention(objective))
     recorder.remove(pipe.transformer)
     if accelerator.is_main_process:
-        _export(out_dir, moe, base_model, styles, lora_cfg, loss_cfg, cfg, accelerator.num_processes, cache)
+        config = {
+            "base_model": base_model,
+            "dtype": str(pipe.transformer.dtype).removeprefix("torch."),  # what `regionroute edit` loads the base in
+            "styles": list(styles), "instruction": instruction, "lora": asdict(lora_cfg), "loss": asdict(loss_cfg),
+            "train": asdict(cfg), "processes": accelerator.num_processes,  # global batch = processes x batch_size
+            "latent_hw": list(cache.latent_hw),
+        }  # fmt: skip
+        _export(out_dir, moe, config)
         log.finish(live_dir)
     accelerator.wait_for_everyone()  # the model is written when any rank returns
     return summary
@@ -270,22 +279,17 @@ class _Log:
             write_json(tmp / "metrics.json", read_json(tmp / "metrics.json"))
 
 
-def _export(
-    out_dir: Path, moe: Any, base_model: str, styles: tuple[str, ...], lora_cfg: LoraConfig, loss_cfg: LossConfig,
-    cfg: TrainConfig, processes: int, cache: TrainCache,
-) -> None:  # fmt: skip
-    """The trained model: the whole MoE, one diffusers LoRA per expert, and ``regionroute.json``."""
+def _export(out_dir: Path, moe: Any, config: dict[str, Any]) -> None:
+    """The trained model: the whole MoE, one diffusers LoRA per expert, ``regionroute.json`` and its model card."""
     from regionroute.lora_moe import export_experts, save_moe
     from regionroute.lora_moe.export import write_model_config
+    from regionroute.model_card import write_model_card
 
     with atomic_dir(out_dir) as tmp:
         save_moe(moe, tmp / "moe")
         export_experts(moe, tmp / "lora")
-        write_model_config(tmp, {
-            "base_model": base_model, "styles": list(styles), "lora": asdict(lora_cfg), "loss": asdict(loss_cfg),
-            "train": asdict(cfg), "processes": processes,  # global batch = processes x train.batch_size
-            "latent_hw": list(cache.latent_hw),
-        })  # fmt: skip
+        write_model_config(tmp, config)
+        write_model_card(tmp, config)
 
 
 def _reduce_terms(accelerator: Any, terms: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from regionroute.config import DataConfig, LossConfig, ModelsConfig, TrainConfig, load_section
+from regionroute.config import CompositeConfig, DataConfig, LossConfig, ModelsConfig, TrainConfig, load_section
 from regionroute.errors import exit_on_user_error
 
 
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     lora = load_section(args.params, "lora")
     loss = load_section(args.params, "loss", LossConfig)
     cfg = load_section(args.params, "train", TrainConfig)
+    instruction = load_section(args.params, "composite", CompositeConfig).instruction  # for the model card
     import torch
 
     from regionroute import distributed as dist
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = train(
         pipe, cache, data.styles, lora, loss, cfg, args.out, args.checkpoints, args.live,
         base_model=models.kontext, base_key=kontext_key(models), code=stage_code_digest("train"),
+        instruction=instruction,
     )  # fmt: skip
     shown = {k: round(v, 5) for k, v in summary.items() if k.startswith(("probe", "total"))}
     if dist.is_main():

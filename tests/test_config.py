@@ -99,9 +99,9 @@ def test_a_deleted_key_is_an_error_naming_it(params_file):
 
 def test_the_toy_world_params_are_complete():
     from regionroute.toy.base import BaseConfig
+    from regionroute.toy.dataset import ScenesConfig
     from regionroute.toy.evaluate import EvaluateConfig
     from regionroute.toy.judge import JudgeConfig
-    from regionroute.toy.dataset import ScenesConfig
 
     for name, cls in (("scenes", ScenesConfig), ("base", BaseConfig), ("judge", JudgeConfig),
                       ("evaluate", EvaluateConfig)):  # fmt: skip

@@ -177,6 +177,30 @@ def test_edit_applies_the_exif_orientation_of_a_photo(model_dir, tmp_path, capsy
     assert read_image(out).shape == (128, 64, 3)
 
 
+def test_edit_loads_the_base_in_the_dtype_the_experts_were_trained_in(
+    model_dir, eval_records, tmp_path, capsys, monkeypatch
+):
+    """The paper trains on bf16 weights: `regionroute edit` without --dtype loaded FLUX.1-Kontext in float32
+    (2x the memory: 63 GB of weights, over the 48 GB GPU `regionroute check` says infer fits)."""
+    import shutil
+
+    import regionroute.models.kontext as kontext
+    from regionroute.files import read_json
+
+    trained = tmp_path / "model"
+    shutil.copytree(model_dir, trained)
+    write_json(trained / "regionroute.json", {**read_json(trained / "regionroute.json"), "dtype": "bfloat16"})
+    loaded, real = [], kontext.load_kontext
+    monkeypatch.setattr(kontext, "load_kontext", lambda cfg: loaded.append(cfg.dtype) or real(cfg))
+    argv = ["edit", str(eval_records.parent / "o0.png"), "--object", "dog", "--style", "pixel-art", "--model",
+            str(trained), "--out", str(tmp_path / "out.png"), "--steps", "2"]  # fmt: skip
+    code, err = run_stage(cli.main, argv, capsys)
+    assert code == 0, err
+    assert loaded == ["bfloat16"]
+    code, err = run_stage(cli.main, [*argv, "--dtype", "float32"], capsys)  # an explicit --dtype still wins
+    assert code == 0 and loaded == ["bfloat16", "float32"], err
+
+
 @pytest.mark.parametrize(
     ("change", "needle"),
     [

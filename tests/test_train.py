@@ -81,6 +81,8 @@ def test_training_lowers_attention_loss_and_trains_only_experts(encoded, tmp_pat
     assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in moe_state.items())
     config = read_model_config(tmp_path / "model")
     assert config["styles"] == list(STYLES) and (tmp_path / "model" / "lora" / "pixel-art.safetensors").is_file()
+    assert config["dtype"] == "float32"  # the base's dtype in training: what `regionroute edit` loads it in
+    assert (tmp_path / "model" / "README.md").is_file()  # the model card
     assert (tmp_path / "live" / "metrics.json").is_file()
 
 
