@@ -69,8 +69,8 @@ def test_coco_layout_has_what_real_coco_has(tmp_path):
 
 def test_kontext_standin_loads_as_the_paper_model_from_the_cache(tmp_path):
     from diffusers import FluxKontextPipeline
-    from regionroute.model_configs import FLUX_KONTEXT_DEV
 
+    from regionroute.check.configs import FLUX_KONTEXT_DEV
     from regionroute.flux.tokens import style_token_mask
     from regionroute.rehearsal.kontext import KONTEXT_REPO, write_kontext
 

@@ -19,7 +19,7 @@ from PIL import Image
 from regionroute.files import atomic_path, write_json
 from regionroute.toy.scenes import CATEGORIES, Scene, caption
 
-__all__ = ["CocoStyle", "write_coco_split"]
+__all__ = ["CocoStyle", "write_coco_annotations", "write_coco_split"]
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,14 @@ def write_coco_split(
                 {"id": image_id * 10 + c, "image_id": image_id, "caption": text if c == 0 else f"a picture: {text}"}
             )
     meta = {"description": info or "RegionRoute synthetic scenes (COCO format)", "version": "1.0"}
-    write_json(root / "annotations" / f"instances_{split}.json",
-               {"info": meta, "images": images, "annotations": anns, "categories": categories})  # fmt: skip
-    write_json(root / "annotations" / f"captions_{split}.json", {"info": meta, "images": images, "annotations": caps})
+    write_coco_annotations(root, split, {"info": meta, "images": images}, anns, caps, categories)
     return {"images": len(images), "instances": len(anns)}
+
+
+def write_coco_annotations(
+    root: Path, split: str, common: dict[str, Any], instances: list[dict], captions: list[dict], categories: list[dict]
+) -> None:
+    """``annotations/instances_<split>.json`` and ``captions_<split>.json``; ``common`` holds ``images``, ``info``..."""
+    folder = Path(root) / "annotations"
+    write_json(folder / f"instances_{split}.json", {**common, "annotations": instances, "categories": categories})
+    write_json(folder / f"captions_{split}.json", {**common, "annotations": captions})

@@ -1,22 +1,19 @@
-"""A small dataset in COCO 2017's layout, with what real COCO has and the toy data lacks.
+"""A small dataset in COCO 2017's layout with real COCO's quirks, for ``regionroute rehearse``.
 
-Used by ``regionroute rehearse`` (:mod:`regionroute.rehearsal.run`): :func:`write_coco` writes
-``annotations/{instances,captions}_{train2017,val2017}.json`` and ``{train2017,val2017}/<id:012d>.jpg``
-under ``root``. The images are JPEGs of COCO's sizes (640x480, 480x640, 427x640, ...; one is
-grayscale, as about 1% of COCO is), the instances are drawn into them as filled polygons and annotated
-as COCO does: polygon lists (an occluded object is several polygons), ``area`` from the rasterized mask,
-``bbox`` as ``[x, y, w, h]``, crowds as uncompressed RLE with ``iscrowd: 1``; the 80 categories carry
-COCO's gapped ids (1..90) and supercategories; every image has five captions.
+:func:`write_coco` writes ``{train2017,val2017}/<id:012d>.jpg`` (COCO's sizes, one grayscale) and their
+annotation files (:func:`regionroute.data.synthetic.write_coco_annotations`): polygon lists (an occluded
+object is several polygons), ``area`` from the rasterized mask, crowds as uncompressed RLE, a zero-area
+polygon, the 80 categories with COCO's gapped ids (1..90), five captions per image.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from regionroute.data.synthetic import write_coco_annotations
 from regionroute.tiny.text import COCO_CATEGORY_NAMES
 
 __all__ = ["CAPTION_WORDS", "COCO_CATEGORIES", "EDIT_IMAGE", "caption", "write_coco"]
@@ -145,10 +142,7 @@ def write_coco(root: Path, seed: int = 0) -> dict[str, int]:
             anns += image_anns
             for k in range(5):
                 caps.append({"image_id": image_id, "id": 10 * image_id + k, "caption": caption(rng, objects[0][0])})
-        (root / "annotations").mkdir(parents=True, exist_ok=True)
         common = {"info": info, "licenses": licenses, "images": images}
-        instances = {**common, "annotations": anns, "categories": COCO_CATEGORIES}
-        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(instances))
-        (root / "annotations" / f"captions_{split}.json").write_text(json.dumps({**common, "annotations": caps}))
+        write_coco_annotations(root, split, common, anns, caps, COCO_CATEGORIES)
         counts[split] = len(images)
     return counts

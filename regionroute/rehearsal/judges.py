@@ -1,9 +1,9 @@
 """Stand-ins for the score stage's judges, in the files their loaders ask the Hugging Face cache for.
 
 Used by :func:`regionroute.rehearsal.standins.write_standins`. ``ViT-L-14/openai``: the file open_clip's
-pretrained registry names (:func:`regionroute.refs.open_clip_weights`) at ViT-L/14's real size, seeded random
+pretrained registry names (:func:`regionroute.check.sources.open_clip_weights`) at ViT-L/14's real size, seeded random
 bf16 weights. ``Qwen/Qwen2.5-VL-7B-Instruct``: the published flat ``config.json``
-(:data:`regionroute.model_configs.QWEN25_VL_7B`, small sizes), generation, preprocessor (``min_pixels`` /
+(:data:`regionroute.check.configs.QWEN25_VL_7B`, small sizes), generation, preprocessor (``min_pixels`` /
 ``max_pixels``), chat template and tokenizer files (the tiny judge's BPE), safetensors shards under the
 published key names (``model.layers.*``, ``visual.*``) with their index.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from regionroute.model_configs import QWEN25_VL_7B
+from regionroute.check.configs import QWEN25_VL_7B
 
 __all__ = ["CLIP_REF", "QWEN_REPO", "clip_repo", "write_clip", "write_qwen"]
 
@@ -41,7 +41,7 @@ _SHARD = "256KB"
 
 def clip_repo() -> tuple[str, str]:
     """The (hub repository, file) open_clip asks the cache for first when resolving :data:`CLIP_REF`."""
-    from regionroute.refs import open_clip_weights
+    from regionroute.check.sources import open_clip_weights
 
     where = open_clip_weights(*CLIP_REF.split("/"))
     if not isinstance(where, tuple):

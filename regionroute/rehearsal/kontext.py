@@ -1,7 +1,7 @@
 """Stand-in for ``black-forest-labs/FLUX.1-Kontext-dev``: the repository's layout and config keys, small sizes.
 
 Used by :func:`regionroute.rehearsal.standins.write_standins`. The real classes from the real configs
-(:data:`regionroute.model_configs.FLUX_KONTEXT_DEV`) with only sizes changed, in bf16: ``transformer/`` and
+(:data:`regionroute.check.configs.FLUX_KONTEXT_DEV`) with only sizes changed, in bf16: ``transformer/`` and
 ``text_encoder_2/`` sharded with an index, CLIP's real BPE vocabulary (open_clip ships it), a SentencePiece
 T5 tokenizer (``spiece.model`` + ``tokenizer.json``, 100 sentinels), ``scheduler/``, ``model_index.json`` and
 the card's licence metadata. Latent channels (16), the VAE's 8x and the 2x2 packing stay: 1024 px is 4096 tokens.
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from regionroute.check.configs import FLUX_KONTEXT_DEV
 from regionroute.model_card import BASE_LICENSES
-from regionroute.model_configs import FLUX_KONTEXT_DEV
 
 __all__ = ["KONTEXT_REPO", "SMALL", "write_kontext"]
 
