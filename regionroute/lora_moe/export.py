@@ -1,22 +1,9 @@
-"""Save, load and export the LoRA-MoE (docs/method.md §5, "Export").
+"""Save, load and export the LoRA-MoE; the trained model's ``regionroute.json`` (docs/method.md §5, "Export").
 
-Used by the ``train`` stage (checkpoint + export) and by ``infer`` (reload).
-
-* :func:`export_experts`: every expert as a standard diffusers LoRA file
-  ``<dir>/<style>.safetensors``, written by ``FluxKontextPipeline.save_lora_weights``
-  (keys ``transformer.<module>.lora_A.weight`` / ``lora_B.weight``, peft's layout), so a
-  trained model runs in plain diffusers::
-
-      pipe.load_lora_weights(dir, weight_name="pixel-art.safetensors", adapter_name="pixel-art")
-
-  Scaling: peft applies ``lora_alpha / r``. By default (``fold_scale=True``) the expert's
-  ``alpha / r`` is folded into B and the file's adapter metadata says
-  ``lora_alpha = r`` (scale 1), which is also what loaders that ignore the metadata
-  (``alpha`` absent -> alpha = rank) assume, so the file means the same everywhere.
-  ``fold_scale=False`` keeps the trained A/B bit for bit and ships ``lora_alpha = alpha``
-  in the metadata (diffusers and peft read it; some third-party loaders do not).
-* :func:`save_moe` / :func:`load_moe`: the whole MoE (stacked experts, router, config
-  JSON) for resuming and for ``infer``; safetensors only, never pickle.
+:func:`export_experts` writes each expert as a standard diffusers LoRA (``<style>.safetensors`` by
+``FluxKontextPipeline.save_lora_weights``, ``alpha / r`` folded into B so every loader reads the same
+scale), loadable with ``pipe.load_lora_weights(dir, weight_name="pixel-art.safetensors")``;
+:func:`save_moe` / :func:`load_moe` keep the whole MoE for resuming and ``infer`` (safetensors only).
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
 """``regionroute rehearse``: ``configs/paper.yaml`` end to end on CPU, at 1024 px, through the hub cache layout.
 
-Entry point :func:`rehearse` (README, "Dress rehearsal"). In a work directory it copies the repository's
-files, writes stand-ins of the paper's models into a Hugging Face cache (:mod:`.standins`) and a dataset in
-COCO 2017's layout (:mod:`.coco`), writes ``params.yaml`` = ``configs/paper.yaml`` changed only by
-:data:`CHANGES` (counts and device), then runs what a user runs: ``regionroute check``, ``dvc repro`` (the
-train stage killed after its first checkpoint, then resumed by a second ``dvc repro``), ``regionroute edit``
-on a 640x480 JPEG, and the checks of :mod:`.verify`. Prints one PASS/FAIL line per check, then the peak RSS
-and wall time of every process (:mod:`regionroute.rehearsal.rss_hook`).
+:func:`rehearse` copies the repository, writes stand-ins of the paper's models into a Hugging Face cache
+and a COCO-2017-layout dataset, sets ``params.yaml`` to the paper config changed only by :data:`CHANGES`,
+then runs ``regionroute check``, ``dvc repro`` (``train`` killed after its first checkpoint and resumed),
+``regionroute edit`` and :mod:`.verify`: one PASS/FAIL line per check, each process's peak RSS
+(docs/pipeline.md, "Dress rehearsal").
 """
 
 from __future__ import annotations
