@@ -121,10 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         back = "" if out.size == out.working_size else " and resized back"
         print(f"wrote {out.path}: {w}x{h}, edited at {ww}x{wh} (the model's working resolution){back}")
     elif args.command in ("ablations", "replicates"):
-        from regionroute.experiments import write_ablations, write_replicates
+        from regionroute.experiments import write_table
 
-        write = write_ablations if args.command == "ablations" else write_replicates
-        print(f"wrote {write(args.out)}")
+        print(f"wrote {write_table(args.command, args.out)}")
     elif args.command == "make-tiny-data":
         from regionroute.data.tiny import build_tiny_dataset
 
