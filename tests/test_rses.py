@@ -141,7 +141,7 @@ def test_rsm_reads_only_the_region(scorer: RSESScorer) -> None:
         pseudo_gt=[edited, edited, None, inside],
         ids=["a", "b", "c", "d"],
     )
-    assert list(df.columns) == ["id", "style", *RSES_COLUMNS]
+    assert list(df.columns) == ["id", "style", *RSES_COLUMNS, "bg_fraction"]
     assert df.rsm_text.between(-1, 1).all()
     assert df.rsm_text[0] == pytest.approx(df.rsm_text[1], abs=1e-6)  # outside pixels are ignored
     assert abs(df.rsm_text[0] - df.rsm_text[2]) > 1e-4  # inside pixels are not
