@@ -163,20 +163,24 @@ def write_report(
     world: str,
     seed: int = 0,
     readme: Path | None = None,
+    random_vlm: bool = False,
 ) -> Path:
     """Write ``results.md`` and its figures into ``out_dir`` and the judged targets to ``targets_path``.
 
     ``world``: ``tiny``, ``toy`` (adds the table of its targets) or ``real`` (:func:`world_of`);
     ``seed`` draws the bootstrap resamples and the figures' rows; ``readme``: a README whose
     result markers receive the targets table.
+    ``random_vlm`` (``score.vlm: tiny``): Table 2 is marked not meaningful and Q1/Q2 are not judged.
     """
     from regionroute.figures import attention_grid, draw_rows, example_grid
-    from regionroute.targets import judge_targets
+    from regionroute.targets import TARGETS, judge_targets
 
     per_sample = pd.read_csv(per_sample_path, dtype={"sample_id": str, "id": str})
     by_size = pd.read_csv(by_size_path)
     records = read_jsonl(records_path)
-    targets = judge_targets(per_sample, seed)
+    vlm_targets = ("q1", "q2")
+    judged = tuple(t for t in TARGETS if not (random_vlm and t.metric in vlm_targets))
+    targets = judge_targets(per_sample, seed, judged)
     write_json(targets_path, targets)
     with atomic_path(out_dir / METHODS_CSV) as tmp:
         method_means(per_sample).to_csv(tmp, float_format="%.6g")
@@ -197,6 +201,11 @@ def write_report(
     ]
     if world == "toy":
         summary = _targets_section(targets, per_sample, n_images)
+        if random_vlm:
+            summary += (
+                "\n\nQ1 and Q2 are not judged: the VLM judge is the tiny Qwen2.5-VL with random weights "
+                "(`score.vlm: tiny`; a toy VLM judge is not built yet)."
+            )
         parts += ["## The toy world's targets", "", summary, ""]
         if readme is not None:
             update_readme(readme, summary)
@@ -219,7 +228,7 @@ def write_report(
         "yes/no tokens. Ideal: high Q1, low Q2-Q4.",
         "",
     ]
-    if world == "tiny":
+    if world == "tiny" or random_vlm:
         parts += ["> Not meaningful here: the judge is the tiny Qwen2.5-VL with random weights.", ""]
     parts += [
         _method_table(per_sample, TABLE2, seed), "",
@@ -255,7 +264,7 @@ def _targets_section(targets: dict[str, dict], per_sample: pd.DataFrame, n_image
     verdicts = [v["verdict"] for v in targets.values()]
     held = sum(v == "holds" for v in verdicts)
     return "\n".join([
-        f"RegionRoute against the base it was trained on (Q1: against the oracle), on {n_images} test images; "
+        f"RegionRoute against the base it was trained on (Q1: against the oracle), on {n_images} evaluation images; "
         f"{held} of {len(verdicts)} targets hold over their whole 95% interval. Computed by the `report` stage "
         "(`metrics/targets.json`), not typed.",
         "",

@@ -35,7 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     world = world_of(models.kontext, score.clip, score.lpips, score.vlm)
     methods = {name: Path(d) for name, d in args.method}
     md = write_report(
-        args.out, args.per_sample, args.by_size, args.records, methods, args.targets, world, score.seed, args.readme
+        args.out,
+        args.per_sample,
+        args.by_size,
+        args.records,
+        methods,
+        args.targets,
+        world,
+        score.seed,
+        args.readme,
+        random_vlm=score.vlm == "tiny",
     )
     print(f"report: wrote {md} and {args.targets}")
     return 0

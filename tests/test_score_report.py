@@ -131,6 +131,9 @@ def test_the_toy_report_judges_the_targets_and_fills_the_readme(params_file, eva
     assert targets["mse_bg"]["ratio"] == pytest.approx(0.1, abs=1e-3) and targets["mse_bg"]["verdict"] == "holds"
     text = readme.read_text()
     assert "STALE-TEXT" not in text and text.endswith(f"{README_END}\n\nmore\n") and "| background MSE" in text
-    assert "The toy world's targets" in (tmp_path / "r" / "results.md").read_text()
+    results = (tmp_path / "r" / "results.md").read_text()
+    assert "The toy world's targets" in results
+    assert "q1" not in targets and "q2" not in targets and "Q1 and Q2 are not judged" in text  # random VLM
+    assert "> Not meaningful here" in results
     assert world_of("toy", "toy", "alex", "tiny") == "toy" and world_of("tiny", "tiny", "tiny", "tiny") == "tiny"
     assert world_of("black-forest-labs/FLUX.1-Kontext-dev", "ViT-L-14/openai", "alex", "Qwen/x") == "real"
