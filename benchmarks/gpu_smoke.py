@@ -1,7 +1,7 @@
 """GPU smoke test: a few training steps and one edit with the configured model, memory next to the computed need.
 
 For the first GPU run of the paper configuration, before ``dvc repro``: loads ``models.kontext`` as the stages
-do, encodes the training records (``data/pseudo_gt/train/records.jsonl``: the composite stage's output),
+do, encodes the training records (``data/pseudo_gt/train/manifest.jsonl``: the composite stage's output),
 trains ``--steps`` steps with the paper's loop (LoRA-MoE, attention losses, the configured precision and
 gradient checkpointing; ``regionroute.train.train``), then edits one training image with the trained
 experts. Prints one JSON line per phase: its time, ``torch.cuda.max_memory_allocated()`` in that phase
@@ -33,7 +33,7 @@ from pathlib import Path
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
-    p.add_argument("--records", type=Path, default=Path("data/pseudo_gt/train/records.jsonl"))
+    p.add_argument("--records", type=Path, default=Path("data/pseudo_gt/train/manifest.jsonl"))
     p.add_argument("--steps", type=int, default=3, help="training steps (default 3; the first includes set-up)")
     p.add_argument(
         "--rehearsal",

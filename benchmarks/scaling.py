@@ -67,8 +67,8 @@ def _eval_set(root: Path, pairs: int, size: int) -> Path:
                 rows.append({"id": f"{i:04d}_{style}", "sample_id": f"{i:04d}", "image_id": i, "style": style,
                              "object": "dog", "original": f"o{i}.png", "mask": f"m{i}.png",
                              "pseudo_gt": f"o{i}.png", "area": 1000.0, "area_frac": 0.125})  # fmt: skip
-    write_jsonl(root / "records.jsonl", rows)
-    return root / "records.jsonl"
+    write_jsonl(root / "manifest.jsonl", rows)
+    return root / "manifest.jsonl"
 
 
 def _params(path: Path, args: argparse.Namespace) -> Path:

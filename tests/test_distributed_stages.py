@@ -91,7 +91,7 @@ def eval_set(tmp_path_factory) -> tuple[Path, Path]:
             rows.append({"id": f"{i:03d}_{style}", "sample_id": f"{i:03d}", "image_id": i, "style": style,
                          "object": "dog", "original": f"o{i}.png", "mask": f"m{i}.png",
                          "pseudo_gt": f"p{i}_{style}.png", "area": 500.0 + 9000 * i, "area_frac": 0.18})  # fmt: skip
-    write_jsonl(root / "records.jsonl", rows)
+    write_jsonl(root / "manifest.jsonl", rows)
     model = tmp_path_factory.mktemp("model")
     pipe = load_kontext(ModelsConfig(**TINY))
     moe = inject_lora_moe(pipe.transformer, LoraConfig(), STYLES)
@@ -102,7 +102,7 @@ def eval_set(tmp_path_factory) -> tuple[Path, Path]:
     save_moe(moe, model / "moe")
     write_json(model / "regionroute.json", {"base_model": "tiny", "styles": STYLES,
                                             "train": {"max_sequence_length": 32}, "latent_hw": [16, 16]})  # fmt: skip
-    return root / "records.jsonl", model
+    return root / "manifest.jsonl", model
 
 
 def test_infer_two_processes_equal_one(params_file, eval_set, tmp_path, capsys):
@@ -152,8 +152,8 @@ def _scored(tmp: Path) -> tuple[Path, dict[str, Path]]:
                                  "image": f"images/{rid}.png", "attention": None})  # fmt: skip
     for m, d in methods.items():
         write_jsonl(d / "manifest.jsonl", manifests[m])
-    write_jsonl(tmp / "records.jsonl", rows)
-    return tmp / "records.jsonl", methods
+    write_jsonl(tmp / "manifest.jsonl", rows)
+    return tmp / "manifest.jsonl", methods
 
 
 def test_score_two_processes_equal_one(params_file, tmp_path, capsys):

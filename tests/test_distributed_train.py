@@ -58,8 +58,8 @@ def _records(root: Path, n: int = 6, size: int = 64) -> Path:
         rows.append({"id": f"{i}_{style}", "style": style, "object": "dog", "original": f"o{i}.png",
                      "pseudo_gt": f"p{i}.png", "mask": f"m{i}.png",
                      "instruction": f"make the dog into {style} style"})  # fmt: skip
-    write_jsonl(root / "records.jsonl", rows)
-    return root / "records.jsonl"
+    write_jsonl(root / "manifest.jsonl", rows)
+    return root / "manifest.jsonl"
 
 
 def _worker(spec_path: str) -> int:
@@ -171,7 +171,7 @@ def test_two_processes_match_one_process_with_the_global_batch(runs, tmp_path):
 
     one = dataclasses.replace(CFG, batch_size=CFG.batch_size * RANKS)
     pipe = load_kontext(TINY)
-    cache = encode_dataset(pipe, runs / "records" / "records.jsonl", STYLES, one)
+    cache = encode_dataset(pipe, runs / "records" / "manifest.jsonl", STYLES, one)
     pipe = load_kontext(TINY)
     train(pipe, cache, STYLES, LORA, LOSS, one, tmp_path / "model", tmp_path / "ckpt", tmp_path / "live")
     single, ddp = _state(tmp_path / "model"), _state(runs / "straight" / "model")

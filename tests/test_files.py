@@ -118,15 +118,15 @@ def test_the_next_run_of_a_killed_stage_removes_its_temporaries(params_file, tmp
     for name in ("o.png", "p.png"):
         write_image(tmp_path / "eval" / name, rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
     write_mask(tmp_path / "eval" / "m.png", np.ones((32, 32), bool))
-    write_jsonl(tmp_path / "eval" / "records.jsonl", [{"id": "0_pixel-art", "sample_id": "0", "image_id": 0,
+    write_jsonl(tmp_path / "eval" / "manifest.jsonl", [{"id": "0_pixel-art", "sample_id": "0", "image_id": 0,
                 "style": "pixel-art", "object": "dog", "original": "o.png", "mask": "m.png", "pseudo_gt": "p.png",
                 "area": 1.0, "area_frac": 1.0}])  # fmt: skip
     from regionroute.config import InferConfig
 
     oracle = tmp_path / "oracle"
-    assert run_method("oracle", tmp_path / "eval" / "records.jsonl", oracle, InferConfig()) == 1
+    assert run_method("oracle", tmp_path / "eval" / "manifest.jsonl", oracle, InferConfig()) == 1
     (oracle / "images" / "0_pixel-art.png").unlink()
     (oracle / "items" / "0_pixel-art.json").unlink()
     _killed_while_writing("file", oracle / "images" / "0_pixel-art.png")
-    assert run_method("oracle", tmp_path / "eval" / "records.jsonl", oracle, InferConfig()) == 1
+    assert run_method("oracle", tmp_path / "eval" / "manifest.jsonl", oracle, InferConfig()) == 1
     assert [p.name for p in oracle.rglob(".*")] == []

@@ -40,8 +40,8 @@ def eval_records(tmp_path_factory) -> Path:
             rows.append({"id": f"{i:03d}_{style}", "sample_id": f"{i:03d}", "image_id": i, "style": style,
                          "object": "dog", "original": f"o{i}.png", "mask": f"m{i}.png",
                          "pseudo_gt": f"p{i}_{style}.png", "area": 3000.0, "area_frac": 0.18})  # fmt: skip
-    write_jsonl(root / "records.jsonl", rows)
-    return root / "records.jsonl"
+    write_jsonl(root / "manifest.jsonl", rows)
+    return root / "manifest.jsonl"
 
 
 @pytest.fixture(scope="module")

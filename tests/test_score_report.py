@@ -42,8 +42,8 @@ def eval_set(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
                                  "image": f"images/{rid}.png", "attention": None})  # fmt: skip
     for m, d in methods.items():
         write_jsonl(d / "manifest.jsonl", manifests[m])
-    write_jsonl(root / "records.jsonl", rows)
-    return root / "records.jsonl", methods
+    write_jsonl(root / "manifest.jsonl", rows)
+    return root / "manifest.jsonl", methods
 
 
 def _score(params_file, eval_set, out: Path, capsys) -> None:

@@ -48,8 +48,8 @@ def _records(root: Path, n: int = 6, size: int = 128) -> Path:
         rows.append({"id": f"{i}_{style}", "style": style, "object": "dog", "original": f"o{i}.png",
                      "pseudo_gt": f"p{i}.png", "mask": f"m{i}.png",
                      "instruction": f"make the dog into {style} style"})  # fmt: skip
-    write_jsonl(root / "records.jsonl", rows)
-    return root / "records.jsonl"
+    write_jsonl(root / "manifest.jsonl", rows)
+    return root / "manifest.jsonl"
 
 
 @pytest.fixture(scope="module")
