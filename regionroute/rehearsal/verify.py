@@ -73,7 +73,7 @@ def _rescored(params: Params) -> tuple[dict[str, float], dict[str, float], objec
     row = scored[scored["method"] == "regionroute"].iloc[0]
     infer_row = next(r for r in read_jsonl("data/infer/regionroute/manifest.jsonl") if r["id"] == row["id"])
     root = Path("data/pseudo_gt/eval")
-    rec = next(r for r in read_jsonl(root / "records.jsonl") if r["id"] == row["id"])
+    rec = next(r for r in read_jsonl(root / "manifest.jsonl") if r["id"] == row["id"])
     edited = read_image(Path("data/infer/regionroute") / infer_row["image"])
     rses = RSESScorer(cfg.clip, cfg.lpips, device=cfg.device, dilate=cfg.dilate, template=cfg.template)
     judge = VLMJudge(cfg.vlm, device=cfg.device, dtype=cfg.vlm_dtype, seed=cfg.seed, max_pixels=cfg.vlm_max_pixels)
