@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     abl.add_argument("--out", type=Path, default=Path("reports/ablations.md"), help="output markdown file")
     rep = sub.add_parser("replicates", help="write the replicate table from the rep-* DVC experiments")
     rep.add_argument("--out", type=Path, default=Path("reports/replicates.md"), help="output markdown file")
+    rep.add_argument("--readme", type=Path, default=None, help="a README whose replicate markers get the summary")
     tiny = sub.add_parser("make-tiny-data", help="write the tiny COCO-format test dataset")
     tiny.add_argument("root", help="output directory, e.g. data/tiny")
     tiny.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command in ("ablations", "replicates"):
         from regionroute.experiments import write_table
 
-        print(f"wrote {write_table(args.command, args.out)}")
+        print(f"wrote {write_table(args.command, args.out, readme=getattr(args, 'readme', None))}")
     elif args.command == "make-tiny-data":
         from regionroute.data.tiny import build_tiny_dataset
 

@@ -26,6 +26,7 @@ __all__ = [
     "ablation_table",
     "exp_rows",
     "exp_show_json",
+    "replicate_summary",
     "replicate_table",
     "write_table",
 ]
@@ -180,6 +181,26 @@ def replicate_table(show: list[dict[str, Any]], prefix: str = "rep-") -> str:
     return _table(header, body, 1)
 
 
+def replicate_summary(show: list[dict[str, Any]], prefix: str = "rep-") -> str:
+    """The README's short form: per target, each replicate's ratio, their mean +- sd, and in how many it holds."""
+    rows = list(exp_rows(show))
+    reps = [rows[0], *(r for r in rows[1:] if r.label.startswith(prefix))]
+    body = []
+    for t in TARGETS:
+        judged = [r.targets[t.metric] for r in reps if (r.targets.get(t.metric) or {}).get("ratio") is not None]
+        if not judged:
+            continue
+        ratios = [float(j["ratio"]) for j in judged]
+        mean = sum(ratios) / len(ratios)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in ratios) / (len(ratios) - 1)) if len(ratios) > 1 else float("nan")
+        held = sum(j["verdict"] == "holds" for j in judged)
+        body.append([t.what, t.bound, ", ".join(f"{x:.3f}" for x in ratios), f"{mean:.3f} ± {_num(sd, 3)}",
+                     f"{held} of {len(judged)}"])  # fmt: skip
+    labels = ", ".join(r.label for r in reps)
+    intro = f"{len(reps)} runs ({labels}), from `regionroute replicates` (reports/replicates.md):"
+    return intro + "\n\n" + _table(["target", "bound", "ratio per run", "mean ± sd", "holds in"], body, 2)
+
+
 #: kind -> (title, intro, table function)
 TABLES: dict[str, tuple[str, str, Any]] = {
     "ablations": ("Ablations", (
@@ -199,9 +220,19 @@ TABLES: dict[str, tuple[str, str, Any]] = {
 }  # fmt: skip
 
 
-def write_table(kind: str, out: Path, repo: Path = Path(".")) -> Path:
-    """``reports/ablations.md`` or ``reports/replicates.md`` from the repository's experiments."""
+REPLICATES_BEGIN = "<!-- replicates:begin (written by regionroute replicates --readme) -->"
+REPLICATES_END = "<!-- replicates:end -->"
+
+
+def write_table(kind: str, out: Path, repo: Path = Path("."), readme: Path | None = None) -> Path:
+    """``reports/ablations.md`` or ``reports/replicates.md`` from the repository's experiments; for the replicates,
+    ``readme`` gets :func:`replicate_summary` between its replicate markers."""
     title, intro, table = TABLES[kind]
+    show = exp_show_json(repo)
+    if readme is not None and kind == "replicates":
+        from regionroute.report import update_readme
+
+        update_readme(readme, replicate_summary(show), REPLICATES_BEGIN, REPLICATES_END)
     with atomic_path(out) as tmp:
-        tmp.write_text(f"# {title}\n\n{intro}\n\n{table(exp_show_json(repo))}\n")
+        tmp.write_text(f"# {title}\n\n{intro}\n\n{table(show)}\n")
     return out

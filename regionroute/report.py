@@ -26,6 +26,7 @@ __all__ = [
     "TOY_NOTE",
     "markdown_table",
     "method_means",
+    "update_readme",
     "world_of",
     "write_report",
 ]
@@ -140,17 +141,17 @@ def _size_table(by_size: pd.DataFrame) -> str:
     return markdown_table(rows, ["method", "object size", "n", *(COLUMNS[c][0] for c in cols)])
 
 
-def update_readme(readme: Path, block: str) -> None:
-    """Replace the text between the README's result markers with ``block``."""
+def update_readme(readme: Path, block: str, begin: str = README_BEGIN, end: str = README_END) -> None:
+    """Replace the text between the README's markers ``begin`` and ``end`` (the results') with ``block``."""
     text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
+    if begin not in text or end not in text:
         from regionroute.errors import UserError
 
-        raise UserError(f"{readme}: no '{README_BEGIN}' ... '{README_END}' markers to write the results between")
-    head, rest = text.split(README_BEGIN, 1)
-    tail = rest.split(README_END, 1)[1]
+        raise UserError(f"{readme}: no '{begin}' ... '{end}' markers to write between")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
     with atomic_path(readme) as tmp:
-        tmp.write_text(f"{head}{README_BEGIN}\n{block}\n{README_END}{tail}")
+        tmp.write_text(f"{head}{begin}\n{block}\n{end}{tail}")
 
 
 def write_report(

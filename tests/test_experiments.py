@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from regionroute.errors import UserError
-from regionroute.experiments import ablation_table, replicate_table
+from regionroute.experiments import ablation_table, replicate_summary, replicate_table
 
 
 def _state(rev: str, name: str | None, params: dict, score: dict | None, targets: dict | None = None,
@@ -75,3 +75,7 @@ def test_replicates_give_each_ratio_and_the_spread():
     line = next(x for x in table.splitlines() if x.startswith("| mse_bg"))
     assert "0.200 [0.150, 0.250] holds" in line and "0.600 [0.550, 0.650] fails" in line and "9.0" not in line
     assert line.endswith("| 0.400 | 0.200 | 0.200-0.600 |")  # mean, sample sd, range of 0.2, 0.4, 0.6
+    summary = replicate_summary([ws])
+    line = next(x for x in summary.splitlines() if x.startswith("| background MSE"))
+    assert line.endswith("| <= 0.5 | 0.200, 0.400, 0.600 | 0.400 ± 0.200 | 2 of 3 |")
+    assert summary.startswith("3 runs (workspace, rep-1, rep-2)")
