@@ -35,10 +35,10 @@ TOY_NOTE = (
     "> **Toy world.** A miniature FLUX.1-Kontext (the real diffusers classes, 7 M parameters, 64 px, 8 x 8 tokens) "
     "pretrained on CPU by this project (`toy/dvc.yaml`) so that the paper's premise holds: it restyles the whole "
     "image even when an object is named, and its style-token attention is diffuse. RegionRoute is trained and "
-    "scored by the same stages as the paper configuration, on the toy dataset's `test` split (never used to "
-    "choose a setting), with judges trained on their own scenes: a toy CLIP (RSM) and a toy Qwen2.5-VL (Q1-Q4). "
-    "The toy default departs from the paper's loss in one place, `loss.object_weight` (docs/toy.md). It cannot "
-    "show image quality on photos, behaviour at 1024 px with the 12 B model, or scores of the real judges."
+    "scored by the same stages as the paper configuration on the split `data.splits.eval` names (`test` by "
+    "default, never used to choose a setting; settings are chosen on `val`: docs/toy.md), judged by a toy CLIP "
+    "trained on scenes of its own (RSM). It cannot show image quality on photos, behaviour at 1024 px with the "
+    "12 B model, or scores of the real judges."
 )
 TINY_NOTE = (
     "> **Tiny models.** Produced by tiny models with random weights built in code (`configs/tiny.yaml`) on the "
