@@ -35,7 +35,8 @@ def test_every_differing_param_of_every_section_and_file_is_shown():
     ws = _state("workspace", None, _params(), _score(0.01), _targets(0.125, "holds"))
     ws["experiments"] = [
         {"name": "steps-40", "revs": [_state("a" * 40, "steps-40", _params(steps=40), _score(0.02, 0.09))]},
-        {"name": "no-focus", "revs": [_state("b" * 40, "no-focus", _params(focus=0.0), _score(0.02))]},
+        {"name": "no-focus", "revs": [_state("b" * 40, "no-focus", _params(focus=0.0), _score(0.02),
+                                             _targets(0.25, "holds"))]},
         {"name": "rep-1", "revs": [_state("c" * 40, "rep-1", _params(seed=1), _score(0.01, 0.07),
                                           toy={"scenes": {"seed": 1}})]},
         {"name": "failed", "revs": [_state("d" * 40, "failed", _params(), None)]},
@@ -47,9 +48,8 @@ def test_every_differing_param_of_every_section_and_file_is_shown():
     assert "train.lr" not in header and "train.loss" not in header  # equal everywhere; a metric is never a param
     rows = {line.split(" | ")[0][2:]: line for line in lines[2:]}
     assert set(rows) == {"workspace", "steps-40", "no-focus", "rep-1"}
-    assert rows["workspace"].endswith(
-        "| 0.0100 (0.12x) | - | - | 0.6000 | - | - | - | 1/1 | (main row of these pairs) |"
-    )
+    assert rows["workspace"].endswith("| 0.0100 (0.12x) | 1/1 | (main row of these pairs) |")
+    assert "rsm_text" not in header  # a target no row judged (Q1/Q2 with the random VLM) gets no column
     assert rows["no-focus"].endswith("| worse: mse_bg |")  # same pairs as the workspace: compared with it
     # other pairs (another base): never marked better or worse than the main row
     assert rows["steps-40"].endswith("| other pairs: no main row, see its own base |")
