@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     abl = sub.add_parser("ablations", help="write the ablation table from the DVC experiments")
     abl.add_argument("--out", type=Path, default=Path("reports/ablations.md"), help="output markdown file")
+    abl.add_argument("--title", default=None, help="the report's title (default: Ablations)")
     rep = sub.add_parser("replicates", help="write the replicate table from the rep-* DVC experiments")
     rep.add_argument("--out", type=Path, default=Path("reports/replicates.md"), help="output markdown file")
     rep.add_argument("--readme", type=Path, default=None, help="a README whose replicate markers get the summary")
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command in ("ablations", "replicates"):
         from regionroute.experiments import write_table
 
-        print(f"wrote {write_table(args.command, args.out, readme=getattr(args, 'readme', None))}")
+        extra = {"readme": getattr(args, "readme", None), "title": getattr(args, "title", None)}
+        print(f"wrote {write_table(args.command, args.out, **extra)}")
     elif args.command == "make-tiny-data":
         from regionroute.data.tiny import build_tiny_dataset
 

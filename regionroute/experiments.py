@@ -228,10 +228,13 @@ REPLICATES_BEGIN = "<!-- replicates:begin (written by regionroute replicates --r
 REPLICATES_END = "<!-- replicates:end -->"
 
 
-def write_table(kind: str, out: Path, repo: Path = Path("."), readme: Path | None = None) -> Path:
+def write_table(
+    kind: str, out: Path, repo: Path = Path("."), readme: Path | None = None, title: str | None = None
+) -> Path:
     """``reports/ablations.md`` or ``reports/replicates.md`` from the repository's experiments; for the replicates,
-    ``readme`` gets :func:`replicate_summary` between its replicate markers."""
-    title, intro, table = TABLES[kind]
+    ``readme`` gets :func:`replicate_summary` between its replicate markers; ``title`` replaces the default one."""
+    default_title, intro, table = TABLES[kind]
+    title = title or default_title
     show = exp_show_json(repo)
     if readme is not None and kind == "replicates":
         from regionroute.report import update_readme
