@@ -87,10 +87,11 @@ def _training_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
     """The training parameters of ``regionroute.json`` as (name, value) rows of the card's table."""
     lora, loss, train = config["lora"], config["loss"], config["train"]
     h, w = config["latent_hw"]
+    f = int(config.get("vae_scale_factor", 8))  # FLUX's VAE: 8; the toy latent: 4
     streams = [f"{s}-stream {', '.join(lora[f'{s}_targets'])}" for s in ("double", "single") if lora[f"{s}_stream"]]
     return [
         ("base model", f"{config['base_model']} ({config.get('dtype', 'float32')})"),
-        ("training resolution", f"{w * 8} x {h * 8} px ({h // 2} x {w // 2} tokens)"),
+        ("training resolution", f"{w * f} x {h * f} px ({h // 2} x {w // 2} tokens)"),
         ("experts", f"{len(config['styles'])}, rank {lora['rank']}, alpha {lora['alpha']}, init {lora['init']}, "
                     f"{lora['dtype']}, routing {lora['routing']}"),
         ("targets", "; ".join(streams)),
@@ -143,11 +144,11 @@ def write_model_card(model_dir: Path, config: dict[str, Any]) -> Path:
     base, styles = config["base_model"], list(config["styles"])
     licence = base_license(base)
     tags = ["diffusers", "diffusers-training", "lora", "flux", "flux-kontext", "image-to-image", "regionroute"]
-    card_data = ModelCardData(
-        base_model=base, library_name="diffusers", pipeline_tag="image-to-image", tags=tags + styles,
-        instance_prompt=config["instruction"], **licence,
-    )  # fmt: skip
     is_hub = base.count("/") == 1 and not Path(base).exists()
+    card_data = ModelCardData(  # base_model only when it is a hub id (the hub validates it)
+        base_model=base if is_hub else None, library_name="diffusers", pipeline_tag="image-to-image",
+        tags=tags + styles, instance_prompt=config["instruction"], **licence,
+    )  # fmt: skip
     card = ModelCard.from_template(
         card_data,
         template_str=TEMPLATE,

@@ -142,7 +142,7 @@ def train(
             "dtype": str(pipe.transformer.dtype).removeprefix("torch."),  # what `regionroute edit` loads the base in
             "styles": list(styles), "instruction": instruction, "lora": asdict(lora_cfg), "loss": asdict(loss_cfg),
             "train": asdict(cfg), "processes": accelerator.num_processes,  # global batch = processes x batch_size
-            "latent_hw": list(cache.latent_hw),
+            "latent_hw": list(cache.latent_hw), "vae_scale_factor": int(pipe.vae_scale_factor),  # pixels per latent
         }  # fmt: skip
         _export(out_dir, moe, config)
         log.finish(live_dir)

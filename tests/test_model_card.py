@@ -40,5 +40,11 @@ def test_card_of_a_model_trained_on_a_directory_reads_its_licence(tmp_path):
     base.mkdir()
     (base / "README.md").write_text("---\nlicense: mit\n---\nA base.\n")
     card = ModelCard.load(write_model_card(tmp_path, _config(str(base))))
-    assert card.data.license == "mit" and card.data.base_model == str(base)
+    assert card.data.license == "mit" and card.data.base_model is None and str(base) in card.text  # not a hub id
     assert ModelCard.load(write_model_card(tmp_path, _config("tiny"))).data.license == "apache-2.0"
+
+
+def test_card_of_the_toy_world_gives_its_64_px_training_resolution(tmp_path):
+    config = _config("toy") | {"latent_hw": [16, 16], "vae_scale_factor": 4}  # the toy latent: 4 px per value
+    card = ModelCard.load(write_model_card(tmp_path, config))
+    assert "| training resolution | 64 x 64 px (8 x 8 tokens) |" in card.text and card.data.base_model is None
