@@ -105,8 +105,10 @@ def attention_grid(path: Path, rows: list[dict[str, Any]], root: Path, methods: 
                     panels_rows.append((rec, m, z["maps"], z["mean"], z["steps"]))
     if not panels_rows:
         return False
-    n = 2 + len(panels_rows[0][4])
+    n = 2 + max(len(p[4]) for p in panels_rows)  # rows may have saved different steps
     fig, axes = plt.subplots(len(panels_rows), n, figsize=(1.5 * n, 1.6 * len(panels_rows)), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
     for i, (rec, m, maps, mean, steps) in enumerate(panels_rows):
         mask = read_mask(root / rec["mask"]).astype(float)
         out = read_image(methods[m] / "images" / f"{rec['id']}.png")
@@ -115,6 +117,7 @@ def attention_grid(path: Path, rows: list[dict[str, Any]], root: Path, methods: 
         panels += [(f"step {s}", a, "magma") for s, a in zip(steps, maps, strict=True)]
         for j, (title, img, cmap) in enumerate(panels):
             ax = axes[i][j]
+            ax.set_axis_on()
             ax.imshow(img, cmap=cmap, interpolation="nearest")
             ext = (-0.5, w - 0.5, h - 0.5, -0.5) if cmap else (-0.5, out.shape[1] - 0.5, out.shape[0] - 0.5, -0.5)
             ax.contour(mask, levels=[0.5], colors="cyan", linewidths=0.6, extent=ext, origin="upper")

@@ -190,7 +190,8 @@ def write_report(
         shutil.rmtree(fig_dir)
     rows = draw_rows(records, per_sample, per_tercile=2, seed=seed)
     example_grid(fig_dir / "grid.png", rows, records_path.parent, methods)
-    has_attention = attention_grid(fig_dir / "attention.png", rows[::2], records_path.parent, methods)
+    firsts = [r for i, r in enumerate(rows) if all(q["why"] != r["why"] for q in rows[:i])]  # one per tercile, worst
+    has_attention = attention_grid(fig_dir / "attention.png", firsts, records_path.parent, methods)
     n_images = per_sample["sample_id"].nunique()
     n_pairs = int(per_sample.groupby("method").size().max())
     parts = ["# RegionRoute results", "", {"tiny": TINY_NOTE, "toy": TOY_NOTE}.get(world, ""), ""]

@@ -51,9 +51,9 @@ def test_every_differing_param_of_every_section_and_file_is_shown():
     assert rows["workspace"].endswith("| 0.0100 (0.12x) | 1/1 | (main row of these pairs) |")
     assert "rsm_text" not in header  # a target no row judged (Q1/Q2 with the random VLM) gets no column
     assert rows["no-focus"].endswith("| worse: mse_bg |")  # same pairs as the workspace: compared with it
-    # other pairs (another base): never marked better or worse than the main row
-    assert rows["steps-40"].endswith("| other pairs: no main row, see its own base |")
-    assert rows["rep-1"].endswith("| other pairs: no main row, see its own base |")
+    # other pairs (another base): never marked better or worse than the workspace; each is its pairs' main row
+    assert rows["steps-40"].endswith("| (main row of these pairs) |")
+    assert rows["rep-1"].endswith("| (main row of these pairs) |")
 
 
 def test_no_metrics_is_a_clear_error():

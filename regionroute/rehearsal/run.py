@@ -142,7 +142,11 @@ def _interrupted_repro(repo: Path, env: dict[str, str], log: Path) -> tuple[int,
             done = sorted(ckpt_dir.glob("step-*/state.json"))
             if killed is None and done:
                 for child in psutil.Process(proc.pid).children(recursive=True):
-                    if "stages.train" in " ".join(child.cmdline()):
+                    try:
+                        cmdline = " ".join(child.cmdline())
+                    except psutil.Error:  # exited meanwhile
+                        continue
+                    if "stages.train" in cmdline:
                         st = done[0].stat()
                         child.kill()
                         killed = {"checkpoint": done[0].parent.name, "inode": st.st_ino, "mtime": st.st_mtime_ns}
