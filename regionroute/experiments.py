@@ -166,7 +166,7 @@ def replicate_table(show: list[dict[str, Any]], prefix: str = "rep-") -> str:
     """Each target's ratio [95% CI] and verdict per replicate (the main row, ``rep-*`` experiments); mean, spread."""
     rows = list(exp_rows(show))
     reps = [rows[0], *(r for r in rows[1:] if r.label.startswith(prefix))]
-    header = ["target", *(r.label for r in reps), "mean", "sd", "min-max"]
+    header = ["target", "main run", *(r.label for r in reps[1:]), "mean", "sd", "min-max"]
     body = []
     for t in TARGETS:
         cells, ratios = [f"{t.metric} ({t.bound} x {t.reference})"], []
@@ -199,7 +199,7 @@ def replicate_summary(show: list[dict[str, Any]], prefix: str = "rep-") -> str:
         held = sum(j["verdict"] == "holds" for j in judged)
         body.append([t.what, t.bound, ", ".join(f"{x:.3f}" for x in ratios), f"{mean:.3f} ± {_num(sd, 3)}",
                      f"{held} of {len(judged)}"])  # fmt: skip
-    labels = ", ".join(r.label for r in reps)
+    labels = ", ".join(["the main run", *(r.label for r in reps[1:])])
     intro = f"{len(reps)} runs ({labels}), from `regionroute replicates` (reports/replicates.md):"
     return intro + "\n\n" + _table(["target", "bound", "ratio per run", "mean ± sd", "holds in"], body, 2)
 

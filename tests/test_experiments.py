@@ -78,4 +78,4 @@ def test_replicates_give_each_ratio_and_the_spread():
     summary = replicate_summary([ws])
     line = next(x for x in summary.splitlines() if x.startswith("| background MSE"))
     assert line.endswith("| <= 0.5 | 0.200, 0.400, 0.600 | 0.400 ± 0.200 | 2 of 3 |")
-    assert summary.startswith("3 runs (workspace, rep-1, rep-2)")
+    assert summary.startswith("3 runs (the main run, rep-1, rep-2)")
