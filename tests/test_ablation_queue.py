@@ -114,4 +114,4 @@ def test_queued_ablations_run_on_two_workers_and_are_collected(tmp_path):
     table = (repo / "reports" / "ablations.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| experiment")]
     assert all(any(row.startswith(f"| {name} ") for row in rows) for name in names), table
-    assert "loss.cover_weight" in table and "lora.single_stream" in table and "RSM text" in table
+    assert "loss.cover_weight" in table and "lora.single_stream" in table and "rsm_text (x base)" in table

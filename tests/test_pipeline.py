@@ -85,7 +85,7 @@ def test_dvc_pipeline_on_the_tiny_config_in_a_fresh_clone(tmp_path):
     assert "regionroute" in diff
     _run(["regionroute", "ablations", "--out", "reports/ablations.md"], repo)
     table = (repo / "reports" / "ablations.md").read_text()
-    assert "loss.cover_weight" in table and "RSM text" in table
+    assert "loss.cover_weight" in table and "rsm_text (x base)" in table
 
 
 @pytest.mark.slow
