@@ -162,10 +162,22 @@ def ablation_table(show: list[dict[str, Any]]) -> str:
     return _table(header, body, 1 + len(differing))
 
 
+def _replicates(show: list[dict[str, Any]], prefix: str) -> list[ExpRow]:
+    """The main row (the workspace or commit) and the experiments named ``prefix*``."""
+    rows = list(exp_rows(show))
+    return [rows[0], *(r for r in rows[1:] if r.label.startswith(prefix))]
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN where undefined)."""
+    mean = sum(values) / len(values) if values else float("nan")
+    sd = math.sqrt(sum((x - mean) ** 2 for x in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
+    return mean, sd
+
+
 def replicate_table(show: list[dict[str, Any]], prefix: str = "rep-") -> str:
     """Each target's ratio [95% CI] and verdict per replicate (the main row, ``rep-*`` experiments); mean, spread."""
-    rows = list(exp_rows(show))
-    reps = [rows[0], *(r for r in rows[1:] if r.label.startswith(prefix))]
+    reps = _replicates(show, prefix)
     header = ["target", "main run", *(r.label for r in reps[1:]), "mean", "sd", "min-max"]
     body = []
     for t in TARGETS:
@@ -177,8 +189,7 @@ def replicate_table(show: list[dict[str, Any]], prefix: str = "rep-") -> str:
                 continue
             ratios.append(float(j["ratio"]))
             cells.append(f"{j['ratio']:.3f} [{_num(j['lo'], 3)}, {_num(j['hi'], 3)}] {j['verdict']}")
-        mean = sum(ratios) / len(ratios) if ratios else float("nan")
-        sd = math.sqrt(sum((x - mean) ** 2 for x in ratios) / (len(ratios) - 1)) if len(ratios) > 1 else float("nan")
+        mean, sd = _mean_sd(ratios)
         span = f"{min(ratios):.3f}-{max(ratios):.3f}" if ratios else "-"
         body.append([*cells, _num(mean, 3), _num(sd, 3), span])
     return _table(header, body, 1)
@@ -186,16 +197,14 @@ def replicate_table(show: list[dict[str, Any]], prefix: str = "rep-") -> str:
 
 def replicate_summary(show: list[dict[str, Any]], prefix: str = "rep-") -> str:
     """The README's short form: per target, each replicate's ratio, their mean +- sd, and in how many it holds."""
-    rows = list(exp_rows(show))
-    reps = [rows[0], *(r for r in rows[1:] if r.label.startswith(prefix))]
+    reps = _replicates(show, prefix)
     body = []
     for t in TARGETS:
         judged = [r.targets[t.metric] for r in reps if (r.targets.get(t.metric) or {}).get("ratio") is not None]
         if not judged:
             continue
         ratios = [float(j["ratio"]) for j in judged]
-        mean = sum(ratios) / len(ratios)
-        sd = math.sqrt(sum((x - mean) ** 2 for x in ratios) / (len(ratios) - 1)) if len(ratios) > 1 else float("nan")
+        mean, sd = _mean_sd(ratios)
         held = sum(j["verdict"] == "holds" for j in judged)
         body.append([t.what, t.bound, ", ".join(f"{x:.3f}" for x in ratios), f"{mean:.3f} ± {_num(sd, 3)}",
                      f"{held} of {len(judged)}"])  # fmt: skip
