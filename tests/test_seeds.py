@@ -53,3 +53,23 @@ def test_no_training_purpose_renders_an_evaluated_scene(evaluated):
     assert not {_hash(s.image) for s in drawn} & evaluated
     # the check can fail: the test split's own stream renders exactly its images
     assert {_hash(s.image) for s in render_batch(stream("scenes/test", 0), 8)} <= evaluated
+
+
+def test_the_vlm_judge_renders_no_evaluated_scene(evaluated, monkeypatch):
+    """The toy VLM judge's training steps and held-out examples draw scenes of their own streams."""
+    from regionroute.toy import vlm
+
+    drawn = []
+
+    def recorded(rng, size):
+        drawn.append(render(rng, size))
+        return drawn[-1]
+
+    render = vlm.render_scene
+    monkeypatch.setattr(vlm, "render_scene", recorded)
+    cfg = vlm.VLMConfig()
+    for step in range(3):
+        vlm._Steps(cfg)[step]
+    vlm.make_examples(stream("vlm/eval", cfg.seed), 64, cfg.size)
+    assert len(drawn) == 3 * cfg.batch_size + 64
+    assert not {_hash(s.image) for s in drawn} & evaluated

@@ -125,7 +125,7 @@ def check_lpips(ref: str) -> Finding:
 def check_vlm(ref: str) -> Finding:
     """``score.vlm``: a transformers Qwen2.5-VL directory (config, weights, tokenizer, image processor)."""
     key, stages = "score.vlm", ("score",)
-    parsed = _parse(ref, key, "vlm", "give 'tiny', a hub id or a model directory", stages)
+    parsed = _parse(ref, key, "vlm", "give 'tiny', 'toy', a hub id or a model directory", stages)
     if isinstance(parsed, Finding):
         return parsed
     if parsed.kind == TINY:

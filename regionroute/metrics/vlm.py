@@ -28,6 +28,7 @@ import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,9 @@ import torch
 from PIL import Image
 
 from regionroute.errors import DataError, UserError
+
+if TYPE_CHECKING:
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
 __all__ = [
     "ANSWER_SUFFIX",
@@ -44,8 +48,10 @@ __all__ = [
     "JudgeResult",
     "VLMJudge",
     "answer_token_ids",
+    "chat_prompt",
     "judge_questions",
     "negative_style",
+    "next_token_logits",
 ]
 
 OBJECT_QUESTION = "Is the {object} in {style} style?"
@@ -133,13 +139,10 @@ class VLMJudge:
         self.yes_ids, self.no_ids = answer_token_ids(tok, YES_WORDS), answer_token_ids(tok, NO_WORDS)
         if set(self.yes_ids) & set(self.no_ids):
             raise UserError(f"VLM judge: yes and no share a first token ({self.yes_ids} vs {self.no_ids})")
-        self.image_token = self.processor.image_token
-        self.image_token_id = self.model.config.image_token_id
 
     def prompt(self, question: str) -> str:
         """Chat-formatted text for one image + ``question``, ending with the assistant turn."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return chat_prompt(self.processor, question)
 
     def score(
         self,
@@ -173,43 +176,60 @@ class VLMJudge:
 
     @torch.no_grad()
     def _score_chunk(self, images: Sequence[np.ndarray], questions: Sequence[Sequence[str]]) -> np.ndarray:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        pil = [Image.fromarray(_check_image(im)) for im in images]
-        vision = self.processor.image_processor(images=pil, return_tensors="pt")
-        grid = vision["image_grid_thw"].to(self.device)  # (b, 3): t, h, w patches per image
-        pixels = vision["pixel_values"].to(self.device, self.model.dtype)  # (sum t*h*w, C*T*P*P)
-        feats = self.model.get_image_features(pixels, grid, return_dict=True).pooler_output  # b x (n_i, D)
-        merge = self.processor.image_processor.merge_size**2
-        texts, prompt_feats, prompt_grid = [], [], []
-        for i, qs in enumerate(questions):
-            n_tokens = int(grid[i].prod()) // merge  # visual tokens of image i (== feats[i].shape[0])
-            for q in qs:
-                texts.append(self.prompt(q).replace(self.image_token, self.image_token * n_tokens, 1))
-                prompt_feats.append(feats[i])
-                prompt_grid.append(grid[i])
-        tok = self.processor.tokenizer
-        side, tok.padding_side = tok.padding_side, "left"  # last column = next-token position for every row
-        try:
-            enc = tok(texts, padding=True, return_tensors="pt").to(self.device)  # (b*Q, L)
-        finally:
-            tok.padding_side = side
-        logits = (
-            self.model(
-                input_ids=enc["input_ids"],
-                attention_mask=enc["attention_mask"],
-                mm_token_type_ids=(enc["input_ids"] == self.image_token_id).long(),  # 1 = image token
-                image_grid_thw=torch.stack(prompt_grid),  # one image per prompt row, for M-RoPE
-                mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=tuple(prompt_feats))},
-                logits_to_keep=1,
-                use_cache=False,
-            )
-            .logits[:, -1]
-            .float()
-        )  # (b*Q, V)
+        logits = next_token_logits(self.model, self.processor, images, questions).float()  # (b*Q, V)
         yes = torch.logsumexp(logits[:, self.yes_ids], dim=-1)  # (b*Q,)
         no = torch.logsumexp(logits[:, self.no_ids], dim=-1)
         return torch.softmax(torch.stack([yes, no], dim=-1), dim=-1)[:, 0].cpu().numpy()
+
+
+def chat_prompt(processor, question: str) -> str:
+    """Chat-formatted text for one image + ``question``, ending with the assistant turn."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def next_token_logits(
+    model: Qwen2_5_VLForConditionalGeneration,
+    processor,
+    images: Sequence[np.ndarray],
+    questions: Sequence[Sequence[str]],
+) -> torch.Tensor:
+    """Next-token logits (R, V) after the assistant prompt of every (image, question) row, in order.
+
+    Each image passes the vision tower once; its questions reuse its features. Gradients
+    flow when called outside ``no_grad`` (the toy judge trains through this function).
+    """
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    device, image_token = model.device, processor.image_token
+    pil = [Image.fromarray(_check_image(im)) for im in images]
+    vision = processor.image_processor(images=pil, return_tensors="pt")
+    grid = vision["image_grid_thw"].to(device)  # (b, 3): t, h, w patches per image
+    pixels = vision["pixel_values"].to(device, model.dtype)  # (sum t*h*w, C*T*P*P)
+    feats = model.get_image_features(pixels, grid, return_dict=True).pooler_output  # b x (n_i, D)
+    merge = processor.image_processor.merge_size**2
+    texts, prompt_feats, prompt_grid = [], [], []
+    for i, qs in enumerate(questions):
+        n_tokens = int(grid[i].prod()) // merge  # visual tokens of image i (== feats[i].shape[0])
+        for q in qs:
+            texts.append(chat_prompt(processor, q).replace(image_token, image_token * n_tokens, 1))
+            prompt_feats.append(feats[i])
+            prompt_grid.append(grid[i])
+    tok = processor.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"  # last column = next-token position for every row
+    try:
+        enc = tok(texts, padding=True, return_tensors="pt").to(device)  # (R, L)
+    finally:
+        tok.padding_side = side
+    return model(
+        input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        mm_token_type_ids=(enc["input_ids"] == model.config.image_token_id).long(),  # 1 = image token
+        image_grid_thw=torch.stack(prompt_grid),  # one image per prompt row, for M-RoPE
+        mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=tuple(prompt_feats))},
+        logits_to_keep=1,
+        use_cache=False,
+    ).logits[:, -1]  # (R, V)
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:

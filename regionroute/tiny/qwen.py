@@ -16,6 +16,7 @@ mechanics (prompting, batching, padding), not judgement.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,6 +28,8 @@ __all__ = [
     "SPECIAL_TOKENS",
     "TINY_QWEN_VERSION",
     "build_tiny_qwen",
+    "qwen_config",
+    "qwen_processor",
     "qwen_tokenizer",
     "save_tiny_qwen",
 ]
@@ -107,61 +110,78 @@ def qwen_tokenizer(vocab_size: int = 1200):  # -> PreTrainedTokenizerFast
     return fast
 
 
-def build_tiny_qwen(seed: int = 0):  # -> (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor)
-    """Build the tiny model (seeded weights) and its processor."""
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+def qwen_config(tok, text: dict[str, Any], vision: dict[str, Any]):  # -> Qwen2_5_VLConfig
+    """A Qwen2.5-VL config whose special-token ids are ``tok``'s; ``text`` / ``vision``: the sizes."""
+    from transformers import Qwen2_5_VLConfig
 
-    tok = qwen_tokenizer()
     ids = tok.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": len(tok),
-            "hidden_size": TEXT_HIDDEN,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": TEXT_HIDDEN // HEAD_DIM,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            "bos_token_id": ids("<|endoftext|>"),
-            "eos_token_id": ids("<|im_end|>"),
-            "pad_token_id": tok.pad_token_id,
-            "initializer_range": 0.2,
-        },
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 56,
-            "out_hidden_size": TEXT_HIDDEN,
-            "fullatt_block_indexes": [1],
-            "initializer_range": 0.2,
-        },
+    text_config = {
+        "vocab_size": len(tok),
+        "max_position_embeddings": 4096,
+        "bos_token_id": ids("<|endoftext|>"),
+        "eos_token_id": ids("<|im_end|>"),
+        "pad_token_id": tok.pad_token_id,
+        **text,
+    }
+    return Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config={"spatial_merge_size": 2, "temporal_patch_size": 2, **vision},
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
+
+
+def qwen_processor(tok, min_pixels: int, max_pixels: int, patch_size: int = 14, merge_size: int = 2):
+    """Qwen2.5-VL's processor around ``tok``: a Qwen2-VL image processor and the chat template.
+
+    ``patch_size`` / ``merge_size`` must be the vision config's ``patch_size`` / ``spatial_merge_size``.
+    """
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(
+            min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size, merge_size=merge_size
+        ),
         tokenizer=tok,
         video_processor=Qwen2VLVideoProcessor(),
         chat_template=CHAT_TEMPLATE,
     )
-    return model, processor
+
+
+def build_tiny_qwen(seed: int = 0):  # -> (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor)
+    """Build the tiny model (seeded weights) and its processor."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    tok = qwen_tokenizer()
+    config = qwen_config(
+        tok,
+        text={
+            "hidden_size": TEXT_HIDDEN,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": TEXT_HIDDEN // HEAD_DIM,
+            "num_key_value_heads": 2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            "initializer_range": 0.2,
+        },
+        vision={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": 14,
+            "window_size": 56,
+            "out_hidden_size": TEXT_HIDDEN,
+            "fullatt_block_indexes": [1],
+            "initializer_range": 0.2,
+        },
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    return model, qwen_processor(tok, MIN_PIXELS, MAX_PIXELS)
 
 
 def save_tiny_qwen(path: str | Path, seed: int = 0) -> Path:
