@@ -54,7 +54,7 @@ class VLMConfig(Section):
     text_width: int = 96
     text_layers: int = 4
     heads: int = 4
-    steps: int = 2200
+    steps: int = 2000
     batch_size: int = 32  # images per step (rows: :func:`_balanced`)
     kind_weights: tuple[float, float, float, float] = (0.3, 0.4, 0.15, 0.15)  # of KINDS, in training
     others: bool = True  # training also asks Q1 about the other objects and an absent category
