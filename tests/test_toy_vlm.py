@@ -79,7 +79,7 @@ def test_split_examples_read_the_coco_ground_truth(tmp_path: Path) -> None:
     write_toy_dataset(tmp_path, ScenesConfig(train=1, val=3, test=1))
     examples = split_examples(tmp_path, "val")
     by_kind = {k: [e for e in examples if e.kind == k] for k in KINDS}
-    assert len(by_kind["object"]) == len(by_kind["whole"]) == 4 * len(by_kind["unstyled"]) > 0
+    assert len(by_kind["object"]) == len(by_kind["whole"]) == len(STYLES) * len(by_kind["unstyled"]) > 0
     assert all(e.answers == (True, False, False, False) for e in by_kind["object"])
     assert all(e.answers == (False, False, False, False) for e in by_kind["unstyled"])
     with pytest.raises(DataError, match=r"instances_holdout\.json: no such file"):
@@ -146,3 +146,16 @@ def test_training_asks_every_judge_question_and_balances_the_object_rows() -> No
     assert 0 < sum(negatives) < len(examples)  # Q3 and Q4 both asked
     extra = [a for rows in chosen for _, a in rows[3:]]
     assert extra and sum(extra) == len(extra) - sum(extra)  # as many yes as no rows about other objects
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [("kind_weights", (0.5, 0.5), "must be 4 probabilities"), ("kind_weights", (0.5, 0.5, 0.5, -0.5), "probabilities"),
+     ("patch_size", 0, ">= 1"), ("size", 60, "multiple of patch_size x merge_size"), ("zoom", 0.5, ">= 1"),
+     ("warmup_steps", -1, ">= 0"), ("text_width", 90, "multiple of 4 x heads")],
+)  # fmt: skip
+def test_bad_settings_are_one_clear_error(key: str, value, message: str) -> None:
+    from regionroute.errors import UserError
+
+    with pytest.raises(UserError, match=rf"vlm\.{key}: .*{message}"):
+        VLMConfig(**{key: value})

@@ -1,10 +1,10 @@
 """Loading the Qwen2.5-VL judge (docs/method.md section 7, VLM) and its processor.
 
-Used by the ``score`` stage through :class:`regionroute.metrics.vlm.VLMJudge`. A
-reference is ``"tiny"`` (:mod:`regionroute.tiny.qwen`, built once into the cache), a
-local directory, or a hub id such as ``Qwen/Qwen2.5-VL-7B-Instruct`` (the paper's; it
-must be in the local Hugging Face cache when offline). ``trust_remote_code`` is never
-used: Qwen2.5-VL is a built-in transformers architecture.
+Used by the ``score`` stage through :class:`regionroute.metrics.vlm.VLMJudge`. A reference is
+``"tiny"`` (:mod:`regionroute.tiny.qwen`, built once into the cache), ``"toy"`` (``toy/models/vlm``,
+:mod:`regionroute.toy.vlm`), a local directory, or a hub id such as ``Qwen/Qwen2.5-VL-7B-Instruct``
+(the paper's; it must be in the local Hugging Face cache when offline). ``trust_remote_code`` is
+never used: Qwen2.5-VL is a built-in transformers architecture.
 """
 
 from __future__ import annotations

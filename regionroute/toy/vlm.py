@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from regionroute.config import Section
-from regionroute.metrics.vlm import NO_WORDS, YES_WORDS, judge_questions
+from regionroute.metrics.vlm import NO_WORDS, YES_WORDS, answer_token_ids, judge_questions
 from regionroute.seeds import stream, torch_seed
 from regionroute.toy.filters import STYLES, apply_style, recolour
 from regionroute.toy.scenes import CATEGORIES, COLOURS, Scene, render_scene
@@ -69,12 +69,14 @@ class VLMConfig(Section):
     seed: int = 0
 
     def _validate(self) -> None:
-        self._at_least(0, "workers")
-        if min(self.kind_weights) < 0 or not np.isclose(sum(self.kind_weights), 1.0):
-            self._fail(
-                "kind_weights", f"must be 4 probabilities (of {', '.join(KINDS)}), got {list(self.kind_weights)}"
-            )
+        self._at_least(0, "workers", "warmup_steps")
         self._at_least(1, "threads", "steps", "batch_size", "eval_images", "vision_depth", "text_layers", "heads")
+        self._at_least(1, "patch_size", "merge_size", "zoom")
+        weights = self.kind_weights
+        if len(weights) != len(KINDS) or min(weights) < 0 or not np.isclose(sum(weights), 1.0):
+            self._fail(
+                "kind_weights", f"must be {len(KINDS)} probabilities (of {', '.join(KINDS)}), got {list(weights)}"
+            )
         if self.size % (self.merge_size * self.patch_size):
             self._fail("size", f"must be a multiple of patch_size x merge_size, got {self.size}")
         for key in ("vision_width", "text_width"):
@@ -195,7 +197,7 @@ def zoom_in(rng: np.random.Generator, image: np.ndarray, masks: np.ndarray, targ
     crop = torch.from_numpy(image[y0 : y0 + side, x0 : x0 + side]).permute(2, 0, 1)[None].float()  # (1, 3, s, s)
     big = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)
     m = torch.from_numpy(masks[:, y0 : y0 + side, x0 : x0 + side])[None].float()  # (1, K, s, s)
-    m = torch.nn.functional.interpolate(m, size=(size, size), mode="nearest")[0].bool().numpy()
+    m = torch.nn.functional.interpolate(m, size=(size, size), mode="nearest-exact")[0].bool().numpy()  # centres
     kept = [k for k in range(len(masks)) if m[k].any() or k == target]
     out = big[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
     return out, m[kept], kept
@@ -267,9 +269,8 @@ class _Steps(torch.utils.data.Dataset):
             rng, self.cfg.batch_size, self.cfg.size, self.cfg.others, self.cfg.kind_weights, self.cfg.zoom
         )
         rows = _balanced(rng, examples)
-        keep = [i for i, r in enumerate(rows) if r]  # images with at least one chosen question
-        answers = [a for i in keep for _, a in rows[i]]
-        return [examples[i].image for i in keep], [[q for q, _ in rows[i]] for i in keep], answers
+        answers = [a for r in rows for _, a in r]
+        return [e.image for e in examples], [[q for q, _ in r] for r in rows], answers
 
 
 def _as_is(batch: Any) -> Any:
@@ -288,7 +289,7 @@ def train_vlm(cfg: VLMConfig, out_dir: Path) -> dict[str, Any]:
 
     model, processor = build_vlm(cfg, torch_seed("vlm/train", cfg.seed, _INIT))
     tok = processor.tokenizer
-    target = {True: tok.encode(YES_WORDS[0])[0], False: tok.encode(NO_WORDS[0])[0]}
+    target = {True: answer_token_ids(tok, YES_WORDS[:1])[0], False: answer_token_ids(tok, NO_WORDS[:1])[0]}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
     batches = torch.utils.data.DataLoader(_Steps(cfg), batch_size=None, num_workers=cfg.workers, collate_fn=_as_is)
