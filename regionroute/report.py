@@ -37,9 +37,9 @@ TOY_NOTE = (
     "image even when an object is named, and its style-token attention is diffuse. RegionRoute is trained and "
     "scored by the same stages as the paper configuration on the split `data.splits.eval` names (`test` by "
     "default, never used to choose a setting; settings are chosen on `val`: docs/toy.md), judged by a toy CLIP "
-    "(RSM) and a toy Qwen2.5-VL (Table 2; its accuracy in reports/toy/base.md), each trained on scenes of its "
-    "own. It cannot show image quality on photos, behaviour at 1024 px with the 12 B model, or scores of the "
-    "real judges."
+    "(RSM) and a toy Qwen2.5-VL (Table 2, `score.vlm: toy`; its accuracy in reports/toy/vlm.md), each trained "
+    "on scenes of its own. It cannot show image quality on photos, behaviour at 1024 px with the 12 B model, or "
+    "scores of the real judges."
 )
 TINY_NOTE = (
     "> **Tiny models.** Produced by tiny models with random weights built in code (`configs/tiny.yaml`) on the "

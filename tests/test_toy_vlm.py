@@ -124,7 +124,8 @@ def test_the_toy_report_tables_the_accuracy_per_question_and_kind() -> None:
         acc = {"q1": q1, "q2": 1.0, "q3": 0.98, "q4": 1.0, "overall": 0.9, "n": 40}
         return {**acc, "by_kind": {k: {**acc, "n": 10} for k in KINDS}}
 
-    result = {"accuracy": {"generated": table(0.95), "test": table(0.95)}, "parameters": 1.2e6, "steps": 10}
+    result = {"split": "test", "accuracy": {"generated": table(0.95), "test": table(0.95)}, "parameters": 1.2e6}
+    result["steps"] = 10
     text = vlm_report(result)
     assert "| **test split** | **0.950** | **1.000** | **0.980** | **1.000** | 40 |" in text
     assert all(f"| test split: {k} |" in text for k in KINDS) and "meets the aim of 0.9" in text
@@ -159,3 +160,18 @@ def test_bad_settings_are_one_clear_error(key: str, value, message: str) -> None
 
     with pytest.raises(UserError, match=rf"vlm\.{key}: .*{message}"):
         VLMConfig(**{key: value})
+
+
+def test_a_bad_split_is_one_data_error(tmp_path: Path) -> None:
+    from regionroute.files import read_json, write_json
+    from regionroute.toy.dataset import ScenesConfig, write_toy_dataset
+
+    write_toy_dataset(tmp_path, ScenesConfig(train=1, val=1, test=1))
+    path = tmp_path / "annotations" / "instances_val.json"
+    data = read_json(path)
+    write_json(path, {**data, "images": [{**data["images"][0], "width": 32}]})  # the PNG is 64 px wide
+    with pytest.raises(DataError, match=r"val/.*\.png: 64x64 px, annotated 32x64"):
+        split_examples(tmp_path, "val")
+    path.write_text("{")
+    with pytest.raises(DataError, match=r"instances_val\.json"):
+        split_examples(tmp_path, "val")

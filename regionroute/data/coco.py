@@ -24,7 +24,7 @@ from regionroute.config import SampleConfig
 from regionroute.errors import ConfigError, DataError
 from regionroute.files import atomic_dir, read_image, read_json, write_image, write_json, write_jsonl, write_mask
 
-__all__ = ["SampleRecord", "crop_square", "load_coco", "sample_split", "skip_summary"]
+__all__ = ["SampleRecord", "annotation_mask", "crop_square", "load_coco", "sample_split", "skip_summary"]
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def _check_segmentation(ann: dict[str, Any], img: dict[str, Any], instances: Pat
             raise DataError(f"{where}: polygon lies outside the {w}x{h} image or has fewer than 3 points")
 
 
-def _mask(coco: Any, ann: dict[str, Any], img: dict[str, Any], instances: Path) -> np.ndarray:
+def annotation_mask(coco: Any, ann: dict[str, Any], img: dict[str, Any], instances: Path) -> np.ndarray:
     """The annotation's mask ``bool (H, W)``; counts pycocotools refuses (not summing to H x W) are a DataError."""
     _check_segmentation(ann, img, instances)
     try:
@@ -244,7 +244,7 @@ def sample_split(
                     f"{images_dir / img['file_name']}: size {pixels.shape[1]}x{pixels.shape[0]} "
                     f"differs from {img['width']}x{img['height']} in {instances}"
                 )
-            mask = _mask(coco, ann, img, instances)
+            mask = annotation_mask(coco, ann, img, instances)
             if not mask.any():
                 dropped["empty_mask"] += 1
                 continue

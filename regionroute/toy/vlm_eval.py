@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from regionroute.data.coco import annotation_mask, load_coco
 from regionroute.errors import DataError
 from regionroute.files import read_image
 from regionroute.metrics.vlm import ANSWER_SUFFIX, QUESTION_COLUMNS, VLMJudge, judge_questions, negative_style
@@ -29,21 +30,23 @@ def split_examples(root: Path, split: str, seed: int = 0) -> list[Example]:
 
     Regions come from the annotation's exact mask; negatives are drawn as the score stage
     draws them (:func:`~regionroute.metrics.vlm.negative_style`). Unstyled: once per instance.
+    A bad annotation file or an image of another size than annotated is one :class:`DataError`.
     """
-    from pycocotools.coco import COCO
-
-    path = Path(root) / "annotations" / f"instances_{split}.json"
-    if not path.is_file():
-        raise DataError(f"{path}: no such file (the split {split!r} of {root})")
-    coco = COCO(str(path))
+    instances = Path(root) / "annotations" / f"instances_{split}.json"
+    if not instances.is_file():
+        raise DataError(f"{instances}: no such file (the split {split!r} of {root})")
+    coco, _ = load_coco(instances)
     out = []
     for img_id in sorted(coco.getImgIds()):
-        info = coco.loadImgs(img_id)[0]
+        img = coco.loadImgs(img_id)[0]
         anns = coco.loadAnns(coco.getAnnIds(imgIds=img_id, iscrowd=False))
         if not anns:
             continue
-        image = read_image(Path(root) / split / info["file_name"])
-        masks = np.stack([coco.annToMask(a).astype(bool) for a in anns])
+        path = Path(root) / split / img["file_name"]
+        image = read_image(path)
+        if image.shape[:2] != (img["height"], img["width"]):
+            raise DataError(f"{path}: {image.shape[1]}x{image.shape[0]} px, annotated {img['width']}x{img['height']}")
+        masks = np.stack([annotation_mask(coco, a, img, instances) for a in anns])
         names = [coco.loadCats(a["category_id"])[0]["name"] for a in anns]
         for k, ann in enumerate(anns):
             if names.count(names[k]) > 1:
@@ -85,6 +88,7 @@ def vlm_accuracy(model_dir: Path, cfg: VLMConfig, split: Sequence[Example], spli
     judge = VLMJudge(str(model_dir), device="cpu", dtype="float32", batch_size=32)
     generated = make_examples(stream("vlm/eval", cfg.seed), cfg.eval_images, cfg.size)
     return {
+        "split": split_name,
         "accuracy": {"generated": accuracy(judge, generated), split_name: accuracy(judge, split)},
         "parameters": sum(p.numel() for p in judge.model.parameters()),
         "steps": cfg.steps,
@@ -96,7 +100,7 @@ def vlm_report(result: dict[str, Any], aim: float = 0.9) -> str:
     from regionroute.report import markdown_table
 
     texts = [q.removesuffix(ANSWER_SUFFIX) for q in judge_questions("{object}", "{style}", "{negative style}")]
-    _, split = result["accuracy"]  # generated scenes, then the dataset split
+    split = result["split"]
     rows = []
     for name, title in (("generated", "generated scenes"), (split, f"{split} split")):
         table = result["accuracy"][name]
