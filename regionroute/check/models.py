@@ -133,8 +133,10 @@ def check_vlm(ref: str) -> Finding:
     src = FileSource.of(parsed)
     from regionroute.check.sources import missing_weights
 
-    needed = ["config.json", "tokenizer_config.json", "preprocessor_config.json"]
+    needed = ["config.json", "tokenizer_config.json"]
     missing = [f for f in needed if src.path(f) is None]
+    if src.path("preprocessor_config.json") is None and src.path("processor_config.json") is None:
+        missing.append("preprocessor_config.json")  # the hub's file; transformers 5 saves processor_config.json
     if src.path("config.json") is not None:
         missing += missing_weights(src, "", "transformers")
     if not missing:
