@@ -51,6 +51,22 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     return proc.stdout + proc.stderr
 
 
+def _start_workers(repo: Path, env: dict[str, str], log: Path) -> str:
+    """``dvc queue start -j 2`` with its output in ``log``, not in pipes.
+
+    The workers it daemonizes inherit its stdout and stderr: through pipes, reading them to
+    the end waits for every worker to exit, and a worker that idles (see ``_wait_for_tasks``)
+    never does (a CI run hung here for the whole 900 s timeout).
+    """
+    with log.open("w") as out:
+        proc = subprocess.run(
+            ["dvc", "queue", "start", "-j", "2"], cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=120
+        )
+    text = log.read_text()
+    assert proc.returncode == 0, f"dvc queue start -j 2 failed:\n{text[-3000:]}"
+    return text
+
+
 def _wait_for_tasks(repo: Path, env: dict[str, str], n: int, timeout: float = 900) -> str:
     """Poll ``dvc queue status`` until ``n`` tasks ended, then stop the workers.
 
@@ -97,7 +113,7 @@ def test_queued_ablations_run_on_two_workers_and_are_collected(tmp_path):
     for ablation in ABLATIONS:
         _run(["dvc", "exp", "run", "--queue", "-S", ablation], repo, env)
     workers = dict(env, REGIONROUTE_ACCELERATE_CONFIG="accelerate_queue.yaml")
-    log = _run(["dvc", "queue", "start", "-j", "2"], repo, workers)
+    log = _start_workers(repo, workers, tmp_path / "queue-start.log")
     status = _wait_for_tasks(repo, env, len(ABLATIONS))
     assert status.count("Success") == 2 and "Failed" not in status, status + log
 
