@@ -82,7 +82,19 @@ def _wait_for_tasks(repo: Path, env: dict[str, str], n: int, timeout: float = 90
         time.sleep(5)
     # no worker left is fine: stop only ends any that still idle
     subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=env, capture_output=True, timeout=120)
+    _kill_leftover_workers(repo)
     return status
+
+
+def _kill_leftover_workers(repo: Path) -> None:
+    """SIGKILL any ``dvc exp queue-worker`` still running in ``repo`` (one that missed both broadcasts)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"queue-worker" in cmdline and (proc / "cwd").resolve() == repo.resolve():
+                os.kill(int(proc.name), 9)
+        except (OSError, ValueError):  # ended meanwhile, or not ours to read
+            continue
 
 
 @pytest.mark.slow
