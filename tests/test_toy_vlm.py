@@ -100,6 +100,42 @@ def test_training_is_deterministic_and_loads_as_the_score_stage_loads(tmp_path: 
     assert ((result.probs >= 0) & (result.probs <= 1)).all()
 
 
+def test_an_interrupted_training_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path: Path, monkeypatch) -> None:
+    import regionroute.metrics.vlm as judge_module
+
+    cfg = replace(TINY, steps=5, checkpoint_every=2, workers=0)
+    train_vlm(cfg, tmp_path / "whole")
+    forward, calls = judge_module.next_token_logits, []
+
+    def killed_in_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("killed")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(judge_module, "next_token_logits", killed_in_step_4)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError, match="killed"):
+        train_vlm(cfg, tmp_path / "resumed", ckpt, code="c1")
+    assert [p.name for p in ckpt.glob("step-*")] == ["step-0000002"] and not (tmp_path / "resumed").exists()
+    monkeypatch.undo()
+    calls.clear()
+    monkeypatch.setattr(judge_module, "next_token_logits", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    train_vlm(cfg, tmp_path / "resumed", ckpt, code="c1")
+    assert len(calls) == 3  # steps 3-5 only
+    weights = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == weights
+    assert [p.name for p in ckpt.glob("step-*")] == ["step-0000004"]  # the last one before the end
+
+
+def test_checkpoints_of_other_code_or_params_are_not_resumed(tmp_path: Path, capsys) -> None:
+    ckpt = tmp_path / "ckpt"
+    train_vlm(replace(TINY, steps=2, checkpoint_every=1, workers=0), tmp_path / "a", ckpt, code="c1")
+    assert (ckpt / "step-0000001").is_dir()
+    train_vlm(replace(TINY, steps=2, checkpoint_every=1, workers=0), tmp_path / "b", ckpt, code="c2")
+    assert "kept results do not match (changed: code); starting from scratch" in capsys.readouterr().err
+
+
 def test_toy_reference_resolves_to_the_committed_directory(monkeypatch, tmp_path: Path) -> None:
     from regionroute import models
     from regionroute.errors import UserError

@@ -1,8 +1,8 @@
 """The toy VLM judge: a small Qwen2.5-VL trained on toy scenes to answer Q1-Q4 (docs/toy.md, "The toy VLM judge").
 
-Entry point :func:`train_vlm` (toy stage ``vlm``); the score stage loads the result (``score.vlm: toy``)
-through :class:`regionroute.metrics.vlm.VLMJudge`, whose prompt and forward pass
-(:func:`~regionroute.metrics.vlm.next_token_logits`) training uses unchanged. Examples
+Entry point :func:`train_vlm` (toy stage ``vlm``, resumable from its checkpoints); the score stage
+loads the result (``score.vlm: toy``) through :class:`regionroute.metrics.vlm.VLMJudge`, whose prompt
+and forward pass (:func:`~regionroute.metrics.vlm.next_token_logits`) training uses unchanged. Examples
 (:func:`make_examples`) style the target object, the rest, the whole image or nothing through the
 exact masks; the loss is cross-entropy on the answer token. Accuracy: :mod:`regionroute.toy.vlm_eval`.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ class VLMConfig(Section):
     learning_rate: float = 1e-3
     warmup_steps: int = 100  # linear warm-up, then cosine decay to 0
     weight_decay: float = 0.01
+    checkpoint_every: int = 250  # steps between the resumable checkpoints (the newest one is kept)
     eval_images: int = 512  # generated held-out examples (stream vlm/eval) of stage vlm_accuracy
     threads: int = 2  # torch threads of the training step
     workers: int = 1  # processes making the batches meanwhile (0: in the training process)
@@ -71,7 +72,7 @@ class VLMConfig(Section):
     def _validate(self) -> None:
         self._at_least(0, "workers", "warmup_steps")
         self._at_least(1, "threads", "steps", "batch_size", "eval_images", "vision_depth", "text_layers", "heads")
-        self._at_least(1, "patch_size", "merge_size", "zoom")
+        self._at_least(1, "patch_size", "merge_size", "zoom", "checkpoint_every")
         weights = self.kind_weights
         if len(weights) != len(KINDS) or min(weights) < 0 or not np.isclose(sum(weights), 1.0):
             self._fail(
@@ -277,14 +278,19 @@ def _as_is(batch: Any) -> Any:
     return batch  # the DataLoader would turn the images into tensors
 
 
-def train_vlm(cfg: VLMConfig, out_dir: Path) -> dict[str, Any]:
+def train_vlm(cfg: VLMConfig, out_dir: Path, ckpt_dir: Path | None = None, code: str = "") -> dict[str, Any]:
     """Train and ``save_pretrained`` the judge (model + processor) to ``out_dir``; returns the final loss.
 
     Training runs on ``cfg.threads`` threads while ``cfg.workers`` processes make the batches.
+    ``ckpt_dir``: every ``cfg.checkpoint_every`` steps the model, optimizer and losses are saved
+    there, keyed on the params and ``code`` (the stage's code key); a rerun resumes from the newest
+    one and ends with the bytes an uninterrupted run writes (every step's batch comes from its own
+    stream).
     """
+    from safetensors.torch import load_file
     from transformers import get_cosine_schedule_with_warmup
 
-    from regionroute.files import atomic_dir
+    from regionroute.files import atomic_dir, prepare_resumable_dir, read_json
     from regionroute.metrics.vlm import next_token_logits
 
     model, processor = build_vlm(cfg, torch_seed("vlm/train", cfg.seed, _INIT))
@@ -292,14 +298,23 @@ def train_vlm(cfg: VLMConfig, out_dir: Path) -> dict[str, Any]:
     target = {True: answer_token_ids(tok, YES_WORDS[:1])[0], False: answer_token_ids(tok, NO_WORDS[:1])[0]}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
-    batches = torch.utils.data.DataLoader(_Steps(cfg), batch_size=None, num_workers=cfg.workers, collate_fn=_as_is)
+    start, losses = 0, []
+    if ckpt_dir is not None:
+        prepare_resumable_dir(ckpt_dir, {"vlm": asdict(cfg), "code": code})
+        if saved := _checkpoints(ckpt_dir):
+            model.load_state_dict(load_file(str(saved[-1] / "model.safetensors")))
+            opt.load_state_dict(torch.load(saved[-1] / "optimizer.pt", weights_only=True))
+            sched.load_state_dict(torch.load(saved[-1] / "scheduler.pt", weights_only=True))
+            state = read_json(saved[-1] / "state.json")
+            start, losses = int(state["step"]), list(state["losses"])
+    steps = torch.utils.data.Subset(_Steps(cfg), range(start, cfg.steps))
+    batches = torch.utils.data.DataLoader(steps, batch_size=None, num_workers=cfg.workers, collate_fn=_as_is)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     model.train()
-    losses = []
     try:
-        bar = tqdm(batches, desc="toy vlm", unit="step")
-        for images, questions, answers in bar:
+        bar = tqdm(batches, desc="toy vlm", unit="step", initial=start, total=cfg.steps)
+        for done, (images, questions, answers) in enumerate(bar, start + 1):
             logits = next_token_logits(model, processor, images, questions)  # (R, V) at the answer position
             loss = torch.nn.functional.cross_entropy(logits, torch.tensor([target[a] for a in answers]))
             opt.zero_grad(set_to_none=True)
@@ -309,6 +324,8 @@ def train_vlm(cfg: VLMConfig, out_dir: Path) -> dict[str, Any]:
             sched.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+            if ckpt_dir is not None and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                _checkpoint(ckpt_dir, done, model, opt, sched, losses)
     finally:
         torch.set_num_threads(threads)
     model.eval()
@@ -316,3 +333,25 @@ def train_vlm(cfg: VLMConfig, out_dir: Path) -> dict[str, Any]:
         model.to(getattr(torch, cfg.save_dtype)).save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return {"final_loss": float(np.mean(losses[-50:])), "steps": cfg.steps}
+
+
+def _checkpoint(ckpt_dir: Path, step: int, model: Any, opt: Any, sched: Any, losses: list[float]) -> None:
+    """``step-<step>``: model (safetensors), optimizer and schedule (``weights_only``), losses; older removed."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from regionroute.files import atomic_dir, write_json
+
+    with atomic_dir(ckpt_dir / f"step-{step:07d}") as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        torch.save(sched.state_dict(), tmp / "scheduler.pt")
+        write_json(tmp / "state.json", {"step": step, "losses": losses})
+    for old in _checkpoints(ckpt_dir)[:-1]:
+        shutil.rmtree(old)
+
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (``state.json`` is written last)."""
+    return sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").is_file())
