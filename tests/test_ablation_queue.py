@@ -12,8 +12,10 @@ pool (on this CPU machine the ids select nothing; on a GPU node they are the GPU
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -54,9 +56,9 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
 def _start_workers(repo: Path, env: dict[str, str], log: Path) -> str:
     """``dvc queue start -j 2`` with its output in ``log``, not in pipes.
 
-    The workers it daemonizes inherit its stdout and stderr: through pipes, reading them to
-    the end waits for every worker to exit, and a worker that idles (see ``_wait_for_tasks``)
-    never does (a CI run hung here for the whole 900 s timeout).
+    The daemon processes it starts (each the parent of one worker) inherit its stdout and
+    stderr: through pipes, reading them to the end waits for every worker to exit, and a worker
+    that idles (see ``_wait_for_tasks``) never does (a CI run hung here for the whole 900 s timeout).
     """
     with log.open("w") as out:
         proc = subprocess.run(
@@ -68,7 +70,7 @@ def _start_workers(repo: Path, env: dict[str, str], log: Path) -> str:
 
 
 def _wait_for_tasks(repo: Path, env: dict[str, str], n: int, timeout: float = 900) -> str:
-    """Poll ``dvc queue status`` until ``n`` tasks ended, then stop the workers.
+    """Poll ``dvc queue status`` until ``n`` tasks ended (or ``timeout``); returns the last status.
 
     Not ``dvc exp run --run-all``, which waits for the workers to exit: with two workers a
     celery worker can miss the shutdown broadcast ("monitor: shutting down due to empty
@@ -80,21 +82,33 @@ def _wait_for_tasks(repo: Path, env: dict[str, str], n: int, timeout: float = 90
         if status.count("Success") + status.count("Failed") >= n or time.monotonic() > deadline:
             break
         time.sleep(5)
-    # no worker left is fine: stop only ends any that still idle
-    subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=env, capture_output=True, timeout=120)
-    _kill_leftover_workers(repo)
     return status
 
 
-def _kill_leftover_workers(repo: Path) -> None:
-    """SIGKILL any ``dvc exp queue-worker`` still running in ``repo`` (one that missed both broadcasts)."""
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"queue-worker" in cmdline and (proc / "cwd").resolve() == repo.resolve():
-                os.kill(int(proc.name), 9)
-        except (OSError, ValueError):  # ended meanwhile, or not ours to read
-            continue
+def _stop_workers(repo: Path, env: dict[str, str], grace: float = 30) -> None:
+    """``dvc queue stop --kill``; a worker still alive ``grace`` s later is killed with its process group.
+
+    No worker left is fine: stop only ends any that still idle. The pidfiles are dvc-task's
+    (``.dvc/tmp/exps/celery/dvc-exp-worker-N.pid``); each worker runs in its own process group,
+    with the daemon process that holds ``dvc queue start``'s output.
+    """
+    subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=env, capture_output=True, timeout=120)
+    deadline = time.monotonic() + grace
+    for pidfile in sorted((repo / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.pid")):
+        pid = int(pidfile.read_text())
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(1)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @pytest.mark.slow
@@ -125,8 +139,11 @@ def test_queued_ablations_run_on_two_workers_and_are_collected(tmp_path):
     for ablation in ABLATIONS:
         _run(["dvc", "exp", "run", "--queue", "-S", ablation], repo, env)
     workers = dict(env, REGIONROUTE_ACCELERATE_CONFIG="accelerate_queue.yaml")
-    log = _start_workers(repo, workers, tmp_path / "queue-start.log")
-    status = _wait_for_tasks(repo, env, len(ABLATIONS))
+    try:
+        log = _start_workers(repo, workers, tmp_path / "queue-start.log")
+        status = _wait_for_tasks(repo, env, len(ABLATIONS))
+    finally:
+        _stop_workers(repo, env)
     assert status.count("Success") == 2 and "Failed" not in status, status + log
 
     names = [line.split()[1] for line in status.splitlines() if line.rstrip().endswith("Success")]

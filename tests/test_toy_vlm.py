@@ -100,40 +100,56 @@ def test_training_is_deterministic_and_loads_as_the_score_stage_loads(tmp_path: 
     assert ((result.probs >= 0) & (result.probs <= 1)).all()
 
 
-def test_an_interrupted_training_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path: Path, monkeypatch) -> None:
+def _counting_forward(monkeypatch, fail_at: int = 0) -> list[int]:
+    """Count the training forward passes (``next_token_logits``); raise in call ``fail_at`` (1-based)."""
     import regionroute.metrics.vlm as judge_module
 
-    cfg = replace(TINY, steps=5, checkpoint_every=2, workers=0)
-    train_vlm(cfg, tmp_path / "whole")
     forward, calls = judge_module.next_token_logits, []
 
-    def killed_in_step_4(*args, **kwargs):
+    def counted(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 4:
+        if len(calls) == fail_at:
             raise RuntimeError("killed")
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(judge_module, "next_token_logits", killed_in_step_4)
+    monkeypatch.setattr(judge_module, "next_token_logits", counted)
+    return calls
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_interrupted_training_resumes_to_the_bytes_of_an_uninterrupted_one(
+    tmp_path: Path, monkeypatch, workers: int
+) -> None:
+    cfg = replace(TINY, steps=5, checkpoint_every=2, workers=workers, save_dtype="float32")
+    whole = train_vlm(cfg, tmp_path / "whole")
     ckpt = tmp_path / "ckpt"
-    with pytest.raises(RuntimeError, match="killed"):
-        train_vlm(cfg, tmp_path / "resumed", ckpt, code="c1")
+    with monkeypatch.context() as m:
+        _counting_forward(m, fail_at=4)
+        with pytest.raises(RuntimeError, match="killed"):
+            train_vlm(cfg, tmp_path / "resumed", ckpt, code="c1")
     assert [p.name for p in ckpt.glob("step-*")] == ["step-0000002"] and not (tmp_path / "resumed").exists()
-    monkeypatch.undo()
-    calls.clear()
-    monkeypatch.setattr(judge_module, "next_token_logits", lambda *a, **k: calls.append(1) or forward(*a, **k))
-    train_vlm(cfg, tmp_path / "resumed", ckpt, code="c1")
+    calls = _counting_forward(monkeypatch)
+    resumed = train_vlm(cfg, tmp_path / "resumed", ckpt, code="c1")
     assert len(calls) == 3  # steps 3-5 only
-    weights = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    weights = (tmp_path / "whole" / "model.safetensors").read_bytes()  # float32: every bit of every weight
     assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == weights
+    assert resumed["final_loss"] == whole["final_loss"]  # the losses of steps 1-2 came from the checkpoint
     assert [p.name for p in ckpt.glob("step-*")] == ["step-0000004"]  # the last one before the end
 
 
-def test_checkpoints_of_other_code_or_params_are_not_resumed(tmp_path: Path, capsys) -> None:
-    ckpt = tmp_path / "ckpt"
-    train_vlm(replace(TINY, steps=2, checkpoint_every=1, workers=0), tmp_path / "a", ckpt, code="c1")
-    assert (ckpt / "step-0000001").is_dir()
-    train_vlm(replace(TINY, steps=2, checkpoint_every=1, workers=0), tmp_path / "b", ckpt, code="c2")
-    assert "kept results do not match (changed: code); starting from scratch" in capsys.readouterr().err
+def test_checkpoints_of_other_code_or_params_are_not_resumed(tmp_path: Path, monkeypatch, capsys) -> None:
+    cfg, ckpt = replace(TINY, steps=2, checkpoint_every=1, workers=0), tmp_path / "ckpt"
+    train_vlm(cfg, tmp_path / "a", ckpt, code="c1")
+    assert (ckpt / "step-0000001").is_dir()  # a run of the same code and params would do 1 step
+    calls = _counting_forward(monkeypatch)
+    train_vlm(cfg, tmp_path / "b", ckpt, code="c2")
+    assert len(calls) == 2 and "(changed: code); starting from scratch" in capsys.readouterr().err
+    calls.clear()
+    train_vlm(replace(cfg, learning_rate=cfg.learning_rate / 2), tmp_path / "c", ckpt, code="c2")
+    assert len(calls) == 2 and "(changed: vlm); starting from scratch" in capsys.readouterr().err
+    calls.clear()
+    with pytest.raises(ValueError, match="code key"):
+        train_vlm(cfg, tmp_path / "d", ckpt)
 
 
 def test_toy_reference_resolves_to_the_committed_directory(monkeypatch, tmp_path: Path) -> None:

@@ -282,10 +282,10 @@ def train_vlm(cfg: VLMConfig, out_dir: Path, ckpt_dir: Path | None = None, code:
     """Train and ``save_pretrained`` the judge (model + processor) to ``out_dir``; returns the final loss.
 
     Training runs on ``cfg.threads`` threads while ``cfg.workers`` processes make the batches.
-    ``ckpt_dir``: every ``cfg.checkpoint_every`` steps the model, optimizer and losses are saved
-    there, keyed on the params and ``code`` (the stage's code key); a rerun resumes from the newest
-    one and ends with the bytes an uninterrupted run writes (every step's batch comes from its own
-    stream).
+    ``ckpt_dir``: every ``cfg.checkpoint_every`` steps the model, optimizer, LR schedule and losses
+    are saved there, keyed on the params and ``code`` (the stage's code key, required with it); a
+    rerun resumes from the newest one and ends with the bytes an uninterrupted run writes (every
+    step's batch comes from its own stream).
     """
     from safetensors.torch import load_file
     from transformers import get_cosine_schedule_with_warmup
@@ -293,6 +293,8 @@ def train_vlm(cfg: VLMConfig, out_dir: Path, ckpt_dir: Path | None = None, code:
     from regionroute.files import atomic_dir, prepare_resumable_dir, read_json
     from regionroute.metrics.vlm import next_token_logits
 
+    if ckpt_dir is not None and not code:
+        raise ValueError("train_vlm: checkpoints need the stage's code key (code=...), or they resume across code")
     model, processor = build_vlm(cfg, torch_seed("vlm/train", cfg.seed, _INIT))
     tok = processor.tokenizer
     target = {True: answer_token_ids(tok, YES_WORDS[:1])[0], False: answer_token_ids(tok, NO_WORDS[:1])[0]}
@@ -353,5 +355,5 @@ def _checkpoint(ckpt_dir: Path, step: int, model: Any, opt: Any, sched: Any, los
 
 
 def _checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (``state.json`` is written last)."""
+    """Complete checkpoints, oldest first (each written whole: ``atomic_dir``)."""
     return sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").is_file())
