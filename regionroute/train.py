@@ -10,7 +10,6 @@ uninterrupted run; the model is exported by :mod:`regionroute.lora_moe.export`.
 from __future__ import annotations
 
 import shutil
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -84,7 +83,7 @@ def train(
     """
     from regionroute.checkpoint import checkpoints, save_checkpoint
     from regionroute.flux.attention import StyleAttentionRecorder
-    from regionroute.lora_moe import RoutedTransformer
+    from regionroute.lora_moe import RoutedTransformer, save_moe
 
     accelerator = _accelerator(cfg, pipe)
     key = {"base": base_key or {"reference": base_model}, "styles": list(styles), "lora": asdict(lora_cfg),
@@ -93,12 +92,11 @@ def train(
     if accelerator.is_main_process:  # rank 0 keys (or clears) the directory before any rank lists it
         prepare_resumable_dir(ckpt_dir, key)
     accelerator.wait_for_everyone()
-    start, state, moe, optimizer = _restore(pipe.transformer, ckpt_dir, styles, lora_cfg, cfg)
+    start, state, moe, optimizer, scheduler = _restore(pipe.transformer, ckpt_dir, styles, lora_cfg, cfg)
     recorder = StyleAttentionRecorder(
         direction=loss_cfg.direction, normalize=loss_cfg.normalize, layers=loss_cfg.layers
     )
     recorder.install(pipe.transformer)
-    scheduler = _scheduler(optimizer, cfg, start)
     model, optimizer = accelerator.prepare(RoutedTransformer(moe), optimizer)  # DDP: experts AND the learned gate
     mean_over_ranks = None
     if accelerator.num_processes > 1:
@@ -130,7 +128,10 @@ def train(
         if done % cfg.log_every == 0 or done == cfg.steps:
             bar.set_postfix(loss=f"{log.flush(done, cfg.log_every, scheduler, moe)['total']:.4f}")
         if accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            save_checkpoint(ckpt_dir, done, moe, optimizer, log.state(), cfg.keep_checkpoints)
+            parts = {"optimizer": optimizer, "scheduler": scheduler}
+            save_checkpoint(
+                ckpt_dir, done, parts, log.state(), cfg.keep_checkpoints, write=lambda d: save_moe(moe, d / "moe")
+            )
         if on_step is not None:
             on_step(done)
     bar.close()
@@ -162,37 +163,28 @@ def _accelerator(cfg: TrainConfig, pipe: Any) -> Any:
 
 def _restore(
     transformer: Any, ckpt_dir: Path, styles: tuple[str, ...], lora_cfg: LoraConfig, cfg: TrainConfig
-) -> tuple[int, dict[str, Any], Any, torch.optim.Optimizer]:
-    """(start step, loop state, experts, optimizer): from the last checkpoint, or fresh."""
-    from regionroute.checkpoint import checkpoints, load_state
+) -> tuple[int, dict[str, Any], Any, torch.optim.Optimizer, Any]:
+    """(start step, loop state, experts, optimizer, LR schedule): from the last checkpoint, or fresh."""
+    from diffusers.optimization import get_scheduler
+
+    from regionroute.checkpoint import checkpoints, load_checkpoint
     from regionroute.lora_moe import inject_lora_moe, load_moe
 
     transformer.requires_grad_(False)
     ckpts = checkpoints(ckpt_dir)  # the same on every rank: nothing is written before the loop
-    state = load_state(ckpts[-1]) if ckpts else {"step": 0, "sums": {}, "last": {}, "n_empty_total": 0.0}
     torch.manual_seed(cfg.seed)  # expert init (A ~ gaussian) is part of the run's seed
     moe = load_moe(transformer, ckpts[-1] / "moe") if ckpts else inject_lora_moe(transformer, lora_cfg, styles)
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
     optimizer = _make_optimizer(moe.trainable_parameters(), cfg)
-    if ckpts:
-        optimizer.load_state_dict(torch.load(ckpts[-1] / "optimizer.pt", weights_only=True))
-    return int(state["step"]), state, moe, optimizer
-
-
-def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, start: int) -> Any:
-    """The LR schedule, fast-forwarded to the resumed step."""
-    from diffusers.optimization import get_scheduler
-
     scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps
     )
-    with warnings.catch_warnings():  # "step() before optimizer.step()": nothing is trained here
-        warnings.simplefilter("ignore", UserWarning)
-        for _ in range(start):
-            scheduler.step()
-    return scheduler
+    state = {"step": 0, "sums": {}, "last": {}, "n_empty_total": 0.0}
+    if ckpts:
+        state = load_checkpoint(ckpts[-1], {"optimizer": optimizer, "scheduler": scheduler})
+    return int(state["step"]), state, moe, optimizer, scheduler
 
 
 def _stop(step: int, values: dict[str, float], good: list[Path]) -> None:

@@ -165,7 +165,8 @@ def test_new_pseudo_gt_pixels_restart_training(encoded, tmp_path):
 
 def test_resumed_run_logs_exactly_what_the_uninterrupted_run_logs(encoded, tmp_path):
     _, cache = encoded
-    cfg = dataclasses.replace(CFG, log_every=1, checkpoint_every=2)
+    # a learning rate that changes every step: the resumed run continues the schedule's state
+    cfg = dataclasses.replace(CFG, log_every=1, checkpoint_every=2, lr_scheduler="cosine", lr_warmup_steps=2)
 
     def kill_at_3(step: int) -> None:  # step 3 is logged, the last checkpoint is step 2
         if step == 3:
@@ -176,7 +177,7 @@ def test_resumed_run_logs_exactly_what_the_uninterrupted_run_logs(encoded, tmp_p
               on_step=kill_at_3)  # fmt: skip
     summary = train(_pipe(), cache, STYLES, LORA, LOSS, cfg, tmp_path / "m1", tmp_path / "c1", tmp_path / "l1")
     straight = train(_pipe(), cache, STYLES, LORA, LOSS, cfg, tmp_path / "m2", tmp_path / "c2", tmp_path / "l2")
-    for name in ("total", "flow", "focus", "cover", "n_empty"):
+    for name in ("total", "flow", "focus", "cover", "n_empty", "lr"):
         resumed, ref = _tsv(tmp_path / "l1", name), _tsv(tmp_path / "l2", name)
         assert [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6]
         np.testing.assert_allclose([v for _, v in resumed], [v for _, v in ref], rtol=1e-5)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from regionroute.files import atomic_dir, prepare_resumable_dir, read_json, write_json
+from regionroute.files import atomic_dir, prepare_resumable_dir
 from regionroute.toy.base import BaseConfig
 
 __all__ = ["TONES", "PromptTable", "make_batch", "pretrain", "step_rng", "tone_edit"]
@@ -140,19 +140,6 @@ def encode_images(pipe: Any, images: torch.Tensor) -> torch.Tensor:
     return pipe._pack_latents(z, b, c, h, w)
 
 
-def _checkpoint(ckpt_dir: Path, step: int, transformer: Any, optimizer: Any, sums: dict[str, float]) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_dir(ckpt_dir / f"step-{step:07d}") as tmp:
-        save_file(
-            {k: v.contiguous() for k, v in transformer.state_dict().items()}, str(tmp / "transformer.safetensors")
-        )
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        write_json(tmp / "state.json", {"step": step, "sums": sums})
-    for old in sorted(ckpt_dir.glob("step-*"))[:-1]:
-        shutil.rmtree(old)
-
-
 def pretrain(
     pipe: Any, cfg: BaseConfig, out_dir: Path, ckpt_dir: Path, live_dir: Path | None = None, code: str = ""
 ) -> dict:
@@ -161,8 +148,8 @@ def pretrain(
     ``code``: the stage's code key, part of the checkpoints' key with the params.
     """
     from diffusers.optimization import get_scheduler
-    from safetensors.torch import load_file
 
+    from regionroute.checkpoint import checkpoints, load_checkpoint, save_checkpoint
     from regionroute.flux.flow import (
         FlowSchedule,
         flow_loss,
@@ -188,15 +175,11 @@ def pretrain(
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
-    ckpts = sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").is_file())
+    parts = {"transformer": transformer, "optimizer": optimizer, "scheduler": scheduler}
     start, sums = 0, {}
-    if ckpts:
-        transformer.load_state_dict(load_file(str(ckpts[-1] / "transformer.safetensors")))
-        optimizer.load_state_dict(torch.load(ckpts[-1] / "optimizer.pt", weights_only=True))
-        state = read_json(ckpts[-1] / "state.json")
+    if ckpts := checkpoints(ckpt_dir):
+        state = load_checkpoint(ckpts[-1], parts)
         start, sums = int(state["step"]), dict(state["sums"])
-        for _ in range(start):
-            scheduler.step()
     live = None
     if live_dir is not None:
         from dvclive import Live
@@ -251,7 +234,7 @@ def pretrain(
                 live.make_summary()
             sums = {}
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            _checkpoint(ckpt_dir, done, transformer, optimizer, sums)
+            save_checkpoint(ckpt_dir, done, parts, {"sums": sums})
     transformer.eval()
     save_dtype = torch.bfloat16 if cfg.save_dtype == "bfloat16" else torch.float32
     with atomic_dir(out_dir) as tmp:

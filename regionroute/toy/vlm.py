@@ -287,10 +287,10 @@ def train_vlm(cfg: VLMConfig, out_dir: Path, ckpt_dir: Path | None = None, code:
     rerun resumes from the newest one and ends with the bytes an uninterrupted run writes (every
     step's batch comes from its own stream).
     """
-    from safetensors.torch import load_file
     from transformers import get_cosine_schedule_with_warmup
 
-    from regionroute.files import atomic_dir, prepare_resumable_dir, read_json
+    from regionroute.checkpoint import checkpoints, load_checkpoint, save_checkpoint
+    from regionroute.files import atomic_dir, prepare_resumable_dir
     from regionroute.metrics.vlm import next_token_logits
 
     if ckpt_dir is not None and not code:
@@ -300,14 +300,12 @@ def train_vlm(cfg: VLMConfig, out_dir: Path, ckpt_dir: Path | None = None, code:
     target = {True: answer_token_ids(tok, YES_WORDS[:1])[0], False: answer_token_ids(tok, NO_WORDS[:1])[0]}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
+    parts = {"model": model, "optimizer": opt, "scheduler": sched}
     start, losses = 0, []
     if ckpt_dir is not None:
         prepare_resumable_dir(ckpt_dir, {"vlm": asdict(cfg), "code": code})
-        if saved := _checkpoints(ckpt_dir):
-            model.load_state_dict(load_file(str(saved[-1] / "model.safetensors")))
-            opt.load_state_dict(torch.load(saved[-1] / "optimizer.pt", weights_only=True))
-            sched.load_state_dict(torch.load(saved[-1] / "scheduler.pt", weights_only=True))
-            state = read_json(saved[-1] / "state.json")
+        if saved := checkpoints(ckpt_dir):
+            state = load_checkpoint(saved[-1], parts)
             start, losses = int(state["step"]), list(state["losses"])
     steps = torch.utils.data.Subset(_Steps(cfg), range(start, cfg.steps))
     batches = torch.utils.data.DataLoader(steps, batch_size=None, num_workers=cfg.workers, collate_fn=_as_is)
@@ -327,7 +325,7 @@ def train_vlm(cfg: VLMConfig, out_dir: Path, ckpt_dir: Path | None = None, code:
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
             if ckpt_dir is not None and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                _checkpoint(ckpt_dir, done, model, opt, sched, losses)
+                save_checkpoint(ckpt_dir, done, parts, {"losses": losses})
     finally:
         torch.set_num_threads(threads)
     model.eval()
@@ -335,25 +333,3 @@ def train_vlm(cfg: VLMConfig, out_dir: Path, ckpt_dir: Path | None = None, code:
         model.to(getattr(torch, cfg.save_dtype)).save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return {"final_loss": float(np.mean(losses[-50:])), "steps": cfg.steps}
-
-
-def _checkpoint(ckpt_dir: Path, step: int, model: Any, opt: Any, sched: Any, losses: list[float]) -> None:
-    """``step-<step>``: model (safetensors), optimizer and schedule (``weights_only``), losses; older removed."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    from regionroute.files import atomic_dir, write_json
-
-    with atomic_dir(ckpt_dir / f"step-{step:07d}") as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        torch.save(sched.state_dict(), tmp / "scheduler.pt")
-        write_json(tmp / "state.json", {"step": step, "losses": losses})
-    for old in _checkpoints(ckpt_dir)[:-1]:
-        shutil.rmtree(old)
-
-
-def _checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (each written whole: ``atomic_dir``)."""
-    return sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").is_file())
