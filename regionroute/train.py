@@ -92,7 +92,8 @@ def train(
     if accelerator.is_main_process:  # rank 0 keys (or clears) the directory before any rank lists it
         prepare_resumable_dir(ckpt_dir, key)
     accelerator.wait_for_everyone()
-    start, state, moe, optimizer, scheduler = _restore(pipe.transformer, ckpt_dir, styles, lora_cfg, cfg)
+    start, state, moe, parts = _restore(pipe.transformer, ckpt_dir, styles, lora_cfg, cfg)
+    optimizer, scheduler = parts["optimizer"], parts["scheduler"]
     recorder = StyleAttentionRecorder(
         direction=loss_cfg.direction, normalize=loss_cfg.normalize, layers=loss_cfg.layers
     )
@@ -128,7 +129,6 @@ def train(
         if done % cfg.log_every == 0 or done == cfg.steps:
             bar.set_postfix(loss=f"{log.flush(done, cfg.log_every, scheduler, moe)['total']:.4f}")
         if accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            parts = {"optimizer": optimizer, "scheduler": scheduler}
             save_checkpoint(
                 ckpt_dir, done, parts, log.state(), cfg.keep_checkpoints, write=lambda d: save_moe(moe, d / "moe")
             )
@@ -163,8 +163,8 @@ def _accelerator(cfg: TrainConfig, pipe: Any) -> Any:
 
 def _restore(
     transformer: Any, ckpt_dir: Path, styles: tuple[str, ...], lora_cfg: LoraConfig, cfg: TrainConfig
-) -> tuple[int, dict[str, Any], Any, torch.optim.Optimizer, Any]:
-    """(start step, loop state, experts, optimizer, LR schedule): from the last checkpoint, or fresh."""
+) -> tuple[int, dict[str, Any], Any, dict[str, Any]]:
+    """(start step, loop state, experts, the checkpoint's parts: optimizer and LR schedule), resumed or fresh."""
     from diffusers.optimization import get_scheduler
 
     from regionroute.checkpoint import checkpoints, load_checkpoint
@@ -181,10 +181,9 @@ def _restore(
     scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps
     )
-    state = {"step": 0, "sums": {}, "last": {}, "n_empty_total": 0.0}
-    if ckpts:
-        state = load_checkpoint(ckpts[-1], {"optimizer": optimizer, "scheduler": scheduler})
-    return int(state["step"]), state, moe, optimizer, scheduler
+    parts = {"optimizer": optimizer, "scheduler": scheduler}  # saved by the loop under these names
+    state = load_checkpoint(ckpts[-1], parts) if ckpts else {"step": 0, "sums": {}, "last": {}, "n_empty_total": 0.0}
+    return int(state["step"]), state, moe, parts
 
 
 def _stop(step: int, values: dict[str, float], good: list[Path]) -> None:

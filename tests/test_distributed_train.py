@@ -32,9 +32,11 @@ pytestmark = pytest.mark.distributed
 
 STYLES = ("pixel-art", "cyberpunk")
 RANKS = 2
-#: per process: batch 1, 2 micro-batches per step (accumulated without an all-reduce until the last)
+#: per process: batch 1, 2 micro-batches per step (accumulated without an all-reduce until the last);
+#: a learning rate that changes every step, so that a resumed run must restore the schedule's state
 CFG = TrainConfig(steps=4, learning_rate=1e-2, batch_size=1, gradient_accumulation=2, mixed_precision="no",
-                  gradient_checkpointing=False, max_sequence_length=32, checkpoint_every=2, log_every=1)  # fmt: skip
+                  gradient_checkpointing=False, max_sequence_length=32, checkpoint_every=2, log_every=1,
+                  lr_scheduler="cosine", lr_warmup_steps=1)  # fmt: skip
 LOSS = LossConfig(focus_weight=1.0, cover_weight=0.1)
 LORA = LoraConfig(routing="learned")  # the MoLE gate lives outside the transformer: it must be synchronised too
 TINY = ModelsConfig(kontext="tiny", dtype="float32", device="cpu")
@@ -159,7 +161,7 @@ def test_killed_and_resumed_two_process_run_ends_where_the_uninterrupted_one_end
     assert resumed.keys() == straight.keys()
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0)
-    for name in ("total", "flow", "focus", "cover", "balance"):
+    for name in ("total", "flow", "focus", "cover", "balance", "lr"):
         assert _tsv(runs / "killed" / "live", name) == _tsv(runs / "straight" / "live", name)
     assert read_json(runs / "straight" / "model" / "regionroute.json")["processes"] == RANKS
 
